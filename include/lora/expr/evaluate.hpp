@@ -1,0 +1,209 @@
+// expr/evaluate.hpp: evaluators, separate from the nodes. Each node kind has one
+// evaluator<Node> specialisation with four verbs:
+//   apply           Y  = beta Y  + alpha X E^T   (forward: X [n, in], Y [n, out])
+//   apply_transposed dX = beta dX + alpha G E    (backward: G [n, out], dX [n, in])
+//   assign          D  = beta D  + alpha E      (materialise; merge is assign into W)
+//   slice_rows      the same expression over rows [start, start + count)
+// apply distributes over sums and re-associates products, so (W + s B A) X^T
+// becomes W X^T + s B (A X^T): the [n, r] intermediate, never B A.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> (or <lora/thrust.hpp>) instead of lora/expr/evaluate.hpp."
+#endif
+
+#include <algorithm>
+
+#include "nodes.hpp"
+
+namespace lora::expr {
+
+template <class E>
+struct evaluator {
+  static_assert(sizeof(E) == 0,
+                "lora::expr::evaluator: no evaluator for this node type; a new node needs an "
+                "evaluator<Node> specialisation (see docs/design.md, 'Adding a node')");
+};
+
+template <class E>
+using backend_t = typename std::remove_cvref_t<E>::backend;
+template <class E>
+using scalar_t = typename std::remove_cvref_t<E>::scalar;
+template <class E>
+using workspace_t = typename backend_t<E>::template workspace<scalar_t<E>>;
+
+// ---- the four verbs, dispatching on the node type ------------------------------
+
+template <Expression E, class X, class Y>
+void apply(const E& e, const X& x, Y&& y, scalar_t<E> alpha, scalar_t<E> beta, workspace_t<E>& ws) {
+  evaluator<std::remove_cvref_t<E>>::apply(e, x, y, alpha, beta, ws);
+}
+
+template <Expression E, class G, class DX>
+void apply_transposed(const E& e, const G& g, DX&& dx, scalar_t<E> alpha, scalar_t<E> beta,
+                      workspace_t<E>& ws) {
+  evaluator<std::remove_cvref_t<E>>::apply_transposed(e, g, dx, alpha, beta, ws);
+}
+
+template <Expression E, class D>
+void assign(D&& dst, const E& e, scalar_t<E> alpha = 1, scalar_t<E> beta = 0) {
+  evaluator<std::remove_cvref_t<E>>::assign(dst, e, alpha, beta);
+}
+
+template <Expression E>
+auto slice_rows(const E& e, index_t start, index_t count) {
+  return evaluator<std::remove_cvref_t<E>>::slice_rows(e, start, count);
+}
+
+/// A fresh backend matrix holding the expression's value.
+template <Expression E>
+auto materialize(const E& e) {
+  using B = backend_t<E>;
+  typename B::template matrix<scalar_t<E>> out;
+  B::resize(out, e.rows(), e.cols());
+  assign(out, e, scalar_t<E>(1), scalar_t<E>(0));
+  return out;
+}
+
+/// Where the expression first has a non-finite value: flat row-major index, or
+/// -1. Evaluates `rows_per_block` rows at a time into scratch, so checking an
+/// [out, in] update costs one [rows_per_block, in] buffer, not a copy of W.
+template <Expression E>
+index_t first_non_finite(const E& e, index_t rows_per_block = 64) {
+  using B = backend_t<E>;
+  using T = scalar_t<E>;
+  typename B::template matrix<T> block;
+  for (index_t start = 0; start < e.rows(); start += rows_per_block) {
+    const index_t count = std::min(rows_per_block, e.rows() - start);
+    B::resize(block, count, e.cols());
+    assign(block, slice_rows(e, start, count), T(1), T(0));
+    const index_t bad = B::first_non_finite(block);
+    if (bad >= 0) return start * e.cols() + bad;
+  }
+  return -1;
+}
+
+// ---- one evaluator per node ------------------------------------------------------
+
+template <class M>
+struct evaluator<dense<M>> {
+  using node = dense<M>;
+  using B = typename node::backend;
+  using T = typename node::scalar;
+
+  template <class X, class Y, class WS>
+  static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS&) {
+    B::gemm_nt(alpha, x, e.m, beta, y);  // (n, out) = (n, in) (out, in)^T
+  }
+  template <class G, class DX, class WS>
+  static void apply_transposed(const node& e, const G& g, DX& dx, T alpha, T beta, WS&) {
+    B::gemm_nn(alpha, g, e.m, beta, dx);  // (n, in) = (n, out) (out, in)
+  }
+  template <class D>
+  static void assign(D& dst, const node& e, T alpha, T beta) {
+    B::axpby(alpha, e.m, beta, dst);
+  }
+  static auto slice_rows(const node& e, index_t start, index_t count) {
+    return leaf(B::middle_rows(e.m, start, count));
+  }
+};
+
+template <class BM, class AM>
+struct evaluator<low_rank<BM, AM>> {
+  using node = low_rank<BM, AM>;
+  using B = typename node::backend;
+  using T = typename node::scalar;
+  static constexpr int R = node::rank_at_compile_time;
+
+  template <class X, class Y, class WS>
+  static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS& ws) {
+    auto h = ws.template matrix<R>(x.rows(), e.rank());  // (n, r), the only intermediate
+    B::gemm_nt(T(1), x, e.a, T(0), h);                   // shrink: (n, r) = (n, in) (r, in)^T
+    B::gemm_nt(alpha, h, e.b, beta, y);                  // expand: (n, out) += (n, r) (out, r)^T
+  }
+  template <class G, class DX, class WS>
+  static void apply_transposed(const node& e, const G& g, DX& dx, T alpha, T beta, WS& ws) {
+    auto t = ws.template matrix<R>(g.rows(), e.rank());  // (n, r) = G B
+    B::gemm_nn(T(1), g, e.b, T(0), t);
+    B::gemm_nn(alpha, t, e.a, beta, dx);  // (n, in) += (n, r) (r, in)
+  }
+  template <class D>
+  static void assign(D& dst, const node& e, T alpha, T beta) {
+    B::gemm_nn(alpha, e.b, e.a, beta, dst);  // rank-r update: (out, in) += (out, r) (r, in)
+  }
+  static auto slice_rows(const node& e, index_t start, index_t count) {
+    return product(B::middle_rows(e.b, start, count), e.a);
+  }
+};
+
+template <class E>
+struct evaluator<scaled<E>> {
+  using node = scaled<E>;
+  using B = typename node::backend;
+  using T = typename node::scalar;
+
+  // A zero scale contributes nothing: skip the inner products entirely (the
+  // merged layer's weight() carries its delta with s = 0).
+  template <class X, class Y, class WS>
+  static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS& ws) {
+    if (e.s == T(0))
+      scale(y, beta);
+    else
+      evaluator<E>::apply(e.inner, x, y, alpha * e.s, beta, ws);
+  }
+  template <class G, class DX, class WS>
+  static void apply_transposed(const node& e, const G& g, DX& dx, T alpha, T beta, WS& ws) {
+    if (e.s == T(0))
+      scale(dx, beta);
+    else
+      evaluator<E>::apply_transposed(e.inner, g, dx, alpha * e.s, beta, ws);
+  }
+  template <class D>
+  static void assign(D& dst, const node& e, T alpha, T beta) {
+    if (e.s == T(0))
+      scale(dst, beta);
+    else
+      evaluator<E>::assign(dst, e.inner, alpha * e.s, beta);
+  }
+  static auto slice_rows(const node& e, index_t start, index_t count) {
+    return e.s * evaluator<E>::slice_rows(e.inner, start, count);
+  }
+
+ private:
+  template <class D>
+  static void scale(D& d, T beta) {
+    if (beta == T(0))
+      B::fill(d, T(0));
+    else if (beta != T(1))
+      B::axpby(T(0), d, beta, d);
+  }
+};
+
+template <class L, class R>
+struct evaluator<sum<L, R>> {
+  using node = sum<L, R>;
+  using T = typename node::scalar;
+
+  // (L + R) applied = L applied, then R accumulated: dst = a + P becomes
+  // dst = a; dst += P, so no temporary holds either term.
+  template <class X, class Y, class WS>
+  static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS& ws) {
+    evaluator<L>::apply(e.lhs, x, y, alpha, beta, ws);
+    evaluator<R>::apply(e.rhs, x, y, alpha, T(1), ws);
+  }
+  template <class G, class DX, class WS>
+  static void apply_transposed(const node& e, const G& g, DX& dx, T alpha, T beta, WS& ws) {
+    evaluator<L>::apply_transposed(e.lhs, g, dx, alpha, beta, ws);
+    evaluator<R>::apply_transposed(e.rhs, g, dx, alpha, T(1), ws);
+  }
+  template <class D>
+  static void assign(D& dst, const node& e, T alpha, T beta) {
+    evaluator<L>::assign(dst, e.lhs, alpha, beta);
+    evaluator<R>::assign(dst, e.rhs, alpha, T(1));
+  }
+  static auto slice_rows(const node& e, index_t start, index_t count) {
+    return evaluator<L>::slice_rows(e.lhs, start, count) + evaluator<R>::slice_rows(e.rhs, start, count);
+  }
+};
+
+}  // namespace lora::expr

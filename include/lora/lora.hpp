@@ -1,0 +1,20 @@
+// lora.hpp: the umbrella header of the CPU library (Eigen backend).
+//   #include <lora/lora.hpp>
+// brings LowRankDelta, AdaptedLinear, the expression nodes and evaluators, and
+// the initialisation strategies. The Thrust backend is <lora/thrust.hpp>.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#define LORA_UMBRELLA_INCLUDED
+#endif
+
+#include "config.hpp"
+#include "error.hpp"
+#include "rank.hpp"
+#include "backend/traits.hpp"
+#include "backend/eigen/backend.hpp"
+#include "expr/nodes.hpp"
+#include "expr/evaluate.hpp"
+#include "low_rank_delta.hpp"
+#include "adapted_linear.hpp"
+#include "init.hpp"

@@ -1,0 +1,108 @@
+// low_rank_delta.hpp: LowRankDelta<T, Rank, Backend>, the trainable pair
+// A [r, in], B [out, r] and its scale s, i.e. the update dW = s * B A.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> (or <lora/thrust.hpp>) instead of lora/low_rank_delta.hpp."
+#endif
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "expr/nodes.hpp"
+#include "rank.hpp"
+
+namespace lora {
+
+template <class T, int Rank = dynamic, class Backend = default_backend>
+class LowRankDelta {
+  static_assert(std::is_floating_point_v<T>,
+                "lora::LowRankDelta<T, Rank>: T must be float or double (adapters train in full "
+                "precision; low-precision storage belongs to the base weight)");
+  static_assert(is_valid_rank_v<Rank>,
+                "lora::LowRankDelta<T, Rank>: Rank must be a positive integer, or lora::dynamic to "
+                "choose the rank at run time");
+
+ public:
+  using scalar = T;
+  using backend = Backend;
+  static constexpr int rank_at_compile_time = Rank;
+  using a_matrix = typename Backend::template matrix<T, Rank, dynamic>;  // (r, in)
+  using b_matrix = typename Backend::template matrix<T, dynamic, Rank>;  // (out, r)
+
+  /// Static rank: A and B sized [Rank, in] and [out, Rank], zero-filled.
+  LowRankDelta(index_t out, index_t in, delta_options options = {})
+    requires(Rank != dynamic)
+      : LowRankDelta(out, in, Rank, options) {}
+
+  /// Dynamic rank (or a static one repeated, checked to agree), zero-filled.
+  LowRankDelta(index_t out, index_t in, index_t rank, delta_options options = {}) : options_(options) {
+    detail::check_rank("LowRankDelta", rank, out, in);
+    if (Rank != dynamic && rank != Rank)
+      detail::raise<rank_error>("LowRankDelta: rank ", rank, " given for a static rank of ", Rank,
+                                "; use LowRankDelta<T, lora::dynamic> for a run-time rank");
+    Backend::resize(a_, rank, in);
+    Backend::resize(b_, out, rank);
+    Backend::fill(a_, T(0));
+    Backend::fill(b_, T(0));
+  }
+
+  /// From existing factors (e.g. loaded from a PEFT file): B [out, r], A [r, in].
+  LowRankDelta(b_matrix b, a_matrix a, delta_options options = {})
+      : a_(std::move(a)), b_(std::move(b)), options_(options) {
+    if (b_.cols() != a_.rows())
+      detail::raise<shape_error>("LowRankDelta: B is [", b_.rows(), ", ", b_.cols(), "] and A is [",
+                                 a_.rows(), ", ", a_.cols(), "]; B's columns must equal A's rows (the rank)");
+    detail::check_rank("LowRankDelta", a_.rows(), b_.rows(), a_.cols());
+  }
+
+  index_t rank() const { return a_.rows(); }
+  index_t in_features() const { return a_.cols(); }
+  index_t out_features() const { return b_.rows(); }
+  /// r (in + out): what trains, and what gradients and optimizer state scale with.
+  index_t trainable_parameters() const { return rank() * (in_features() + out_features()); }
+
+  /// A [r, in]. Writable so values can be loaded or trained in place; its shape
+  /// must stay [r, in] (checked where it is used).
+  a_matrix& A() { return a_; }
+  const a_matrix& A() const { return a_; }
+  /// B [out, r].
+  b_matrix& B() { return b_; }
+  const b_matrix& B() const { return b_; }
+
+  const delta_options& options() const { return options_; }
+  double alpha() const { return options_.alpha; }
+  scaling rule() const { return options_.rule; }
+  double multiplier() const { return options_.multiplier; }
+  /// Adapter strength applied on top of the scaling rule (0 disables it).
+  void set_multiplier(double m) { options_.multiplier = m; }
+
+  /// s = alpha / r (or alpha / sqrt(r), or the user scale when alpha == 0),
+  /// times the multiplier.
+  T scale() const { return static_cast<T>(scale_for(options_, rank())); }
+
+  /// The lazy expression s * B A (nothing is computed).
+  auto expression() const { return scale() * expr::product(b_, a_); }
+
+  /// Shape check used by every entry point that reads A and B.
+  void check_consistent(const char* where) const {
+    if (b_.cols() != a_.rows() || (Rank != dynamic && a_.rows() != Rank))
+      detail::raise<shape_error>(where, ": B is [", b_.rows(), ", ", b_.cols(), "] and A is [", a_.rows(),
+                                 ", ", a_.cols(), "]; B's columns must equal A's rows (the rank)");
+  }
+
+  /// Initialise the factors: `delta.init(init::kaiming_zero{}, seed)`; see
+  /// init.hpp for the strategies. Returns what the strategy reports.
+  template <class Init>
+  auto init(const Init& strategy, std::uint64_t seed = 0) {
+    return strategy.initialize(*this, seed);
+  }
+
+ private:
+  a_matrix a_;
+  b_matrix b_;
+  delta_options options_;
+};
+
+}  // namespace lora

@@ -1,0 +1,355 @@
+// Core behaviour: forward against a plain triple-loop reference, merge and
+// unmerge, safe_merge, expressions, scaling rules, typed errors, threads.
+#include <lora/lora.hpp>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using lora::index_t;
+
+// Deterministic test data in [-1, 1).
+template <class M>
+void fill(M& m, std::uint64_t seed) {
+  lora::eigen_backend::fill_random(m, lora::uniform_dist{-1.0, 1.0}, seed, 99);
+}
+
+// Reference Y = X (W + s B A)^T + b by plain loops in long double, and the
+// sum of |terms| per entry, which bounds the rounding error of any summation
+// order (Higham): |err| <= gamma_k * sum|terms| with k the number of terms.
+template <class T>
+struct reference {
+  lora::RowMatrix<long double> y, magnitude;
+};
+
+template <class T, class WM, class AM, class BM, class XM>
+reference<T> reference_forward(const WM& W, const AM& A, const BM& B, double s, const XM& X,
+                               const Eigen::Matrix<T, Eigen::Dynamic, 1>* bias) {
+  const index_t n = X.rows(), in = W.cols(), out = W.rows(), r = A.rows();
+  reference<T> ref{lora::RowMatrix<long double>::Zero(n, out), lora::RowMatrix<long double>::Zero(n, out)};
+  for (index_t t = 0; t < n; ++t)
+    for (index_t o = 0; o < out; ++o) {
+      long double acc = bias ? (*bias)(o) : 0, mag = bias ? std::fabs((long double)(*bias)(o)) : 0;
+      for (index_t i = 0; i < in; ++i) {
+        acc += (long double)X(t, i) * W(o, i);
+        mag += std::fabs((long double)X(t, i) * W(o, i));
+      }
+      for (index_t k = 0; k < r; ++k) {
+        long double h = 0, hm = 0;
+        for (index_t i = 0; i < in; ++i) {
+          h += (long double)X(t, i) * A(k, i);
+          hm += std::fabs((long double)X(t, i) * A(k, i));
+        }
+        acc += (long double)s * B(o, k) * h;
+        mag += std::fabs((long double)s * B(o, k)) * hm;
+      }
+      ref.y(t, o) = acc;
+      ref.magnitude(t, o) = mag;
+    }
+  return ref;
+}
+
+template <class T, class YM>
+void check_against(const YM& Y, const reference<T>& ref, index_t terms) {
+  REQUIRE(Y.rows() == ref.y.rows());
+  REQUIRE(Y.cols() == ref.y.cols());
+  const long double gamma = 2.0L * (terms + 2) * std::numeric_limits<T>::epsilon();
+  for (index_t t = 0; t < Y.rows(); ++t)
+    for (index_t o = 0; o < Y.cols(); ++o) {
+      INFO("t = " << t << ", o = " << o);
+      CHECK(std::fabs(Y(t, o) - ref.y(t, o)) <= gamma * ref.magnitude(t, o) + 1e-30L);
+    }
+}
+
+struct shape {
+  index_t out, in, n;
+};
+const shape kShapes[] = {{8, 8, 1}, {13, 7, 5}, {7, 13, 1}, {32, 48, 17}, {64, 33, 2}, {5, 4, 3}};
+
+template <int Rank>
+index_t rank_for(const shape& sh) {
+  return Rank == lora::dynamic ? std::min<index_t>(3, std::min(sh.out, sh.in)) : Rank;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE_SIG("forward matches the triple-loop reference", "[forward]", ((class T, int R), T, R),
+                       (float, 1), (float, 4), (float, lora::dynamic), (double, 2), (double, lora::dynamic)) {
+  for (const shape& sh : kShapes) {
+    const index_t r = rank_for<R>(sh);
+    if (r > std::min(sh.out, sh.in)) continue;
+    CAPTURE(sh.out, sh.in, sh.n, r);
+    lora::RowMatrix<T> W(sh.out, sh.in), X(sh.n, sh.in);
+    fill(W, 1);
+    fill(X, 2);
+    Eigen::Matrix<T, Eigen::Dynamic, 1> b(sh.out);
+    fill(b, 3);
+    lora::AdaptedLinear layer{W, b, lora::LowRankDelta<T, R>{sh.out, sh.in, r, {.alpha = 2.0 * r}}};
+    layer.delta().init(lora::init::uniform_both{}, 11);
+    REQUIRE(layer.delta().scale() == T(2));
+    const auto ref = reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, &b);
+
+    SECTION("unmerged") { check_against<T>(layer.forward(X), ref, sh.in + r); }
+    SECTION("merged") {
+      REQUIRE(layer.merge());
+      REQUIRE(layer.merged());
+      check_against<T>(layer.forward(X), ref, sh.in + r);
+    }
+    SECTION("into a caller's buffer with a reused workspace") {
+      lora::RowMatrix<T> Y = lora::RowMatrix<T>::Constant(sh.n, sh.out, std::numeric_limits<T>::quiet_NaN());
+      typename decltype(layer)::workspace ws;
+      layer.forward(X, Y, ws);  // beta = 0: the NaN already in Y must not leak
+      check_against<T>(Y, ref, sh.in + r);
+      REQUIRE(ws.capacity() == sh.n * r);  // the [n, r] intermediate, nothing else
+      layer.forward(X, Y, ws);
+      REQUIRE(ws.capacity() == sh.n * r);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("a single token as a vector", "[forward]", float, double) {
+  const index_t out = 9, in = 6;
+  lora::RowMatrix<TestType> W(out, in);
+  fill(W, 4);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<TestType, 2>{out, in, {.alpha = 1}}};
+  layer.delta().init(lora::init::uniform_both{}, 5);
+  Eigen::Matrix<TestType, Eigen::Dynamic, 1> x(in);
+  fill(x, 6);
+  const Eigen::Matrix<TestType, Eigen::Dynamic, 1> y = layer.forward(x);
+  const lora::RowMatrix<TestType> X = x.transpose();
+  const auto ref = reference_forward<TestType>(W, layer.delta().A(), layer.delta().B(), 0.5, X, nullptr);
+  check_against<TestType>(y.transpose(), ref, in + 2);
+}
+
+TEMPLATE_TEST_CASE("unmerge(merge(W)) returns W within 4 eps (|W| + |s B A|)", "[merge]", float, double) {
+  using T = TestType;
+  const index_t out = 31, in = 45, r = 5;
+  lora::RowMatrix<T> W(out, in);
+  fill(W, 7);
+  const lora::RowMatrix<T> original = W;
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, r, {.alpha = 3}}};
+  layer.delta().init(lora::init::uniform_both{}, 8);
+  const lora::RowMatrix<T> dW = layer.delta().scale() * (layer.delta().B() * layer.delta().A());
+  const lora::RowMatrix<T> absdW =
+      (T(0.6) * (layer.delta().B().cwiseAbs() * layer.delta().A().cwiseAbs())).eval();
+
+  REQUIRE(layer.merge());
+  REQUIRE_FALSE(layer.merge());  // already merged: nothing happens
+  const T eps = std::numeric_limits<T>::epsilon();
+  for (index_t i = 0; i < out; ++i)
+    for (index_t j = 0; j < in; ++j)
+      REQUIRE(std::abs(layer.base_weight()(i, j) - (original(i, j) + dW(i, j))) <=
+              2 * r * eps * (std::abs(original(i, j)) + absdW(i, j)));
+
+  // Changing the strength while merged must not change what unmerge subtracts.
+  layer.delta().set_multiplier(0.25);
+  REQUIRE(layer.unmerge());
+  REQUIRE_FALSE(layer.unmerge());
+  for (index_t i = 0; i < out; ++i)
+    for (index_t j = 0; j < in; ++j)
+      REQUIRE(std::abs(layer.base_weight()(i, j) - original(i, j)) <=
+              4 * r * eps * (std::abs(original(i, j)) + absdW(i, j)));
+}
+
+TEST_CASE("merge writes through a writable view of the caller's buffer", "[merge][view]") {
+  const index_t out = 6, in = 10;
+  std::vector<float> bytes(out * in);  // PyTorch layout: row-major [out, in]
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = 0.01f * static_cast<float>(i);
+  Eigen::Map<lora::RowMatrix<float>> W(bytes.data(), out, in);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 1>{out, in, {.alpha = 1}}};
+  REQUIRE(layer.base_weight().data() == bytes.data());  // no copy
+  layer.delta().A().setConstant(1.0f);
+  layer.delta().B().setConstant(2.0f);
+  layer.merge();
+  CHECK(bytes[0] == Approx(2.0f));
+  CHECK(bytes[13] == Approx(0.13f + 2.0f));
+  layer.unmerge();
+  CHECK(bytes[13] == Approx(0.13f));
+}
+
+TEST_CASE("a read-only view serves forward without copying", "[view]") {
+  const index_t out = 4, in = 3;
+  const std::vector<double> bytes = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  Eigen::Map<const lora::RowMatrix<double>> W(bytes.data(), out, in);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<double>{out, in, 1}};
+  REQUIRE(layer.base_weight().data() == bytes.data());
+  lora::RowMatrix<double> X(1, in);
+  X << 1, 0, -1;
+  const lora::RowMatrix<double> Y = layer.forward(X);  // B = 0: the base alone
+  CHECK(Y(0, 0) == -2.0);
+  CHECK(Y(0, 3) == -2.0);
+  static_assert(!decltype(layer)::base_is_writable);
+}
+
+TEST_CASE("safe_merge refuses non-finite results and leaves W bit-identical", "[merge][safe]") {
+  const index_t out = 130, in = 20;  // more rows than one 64-row check block
+  lora::RowMatrix<float> W(out, in);
+  fill(W, 9);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{out, in, {.alpha = 2}}};
+  layer.delta().init(lora::init::uniform_both{}, 10);
+  const lora::RowMatrix<float> before = layer.base_weight();
+
+  SECTION("NaN in B") {
+    layer.delta().B()(100, 1) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_AS(layer.safe_merge(), lora::numeric_error);
+    CHECK_THROWS_WITH(layer.safe_merge(), Catch::Contains("not finite at row 100, column 0") &&
+                                              Catch::Contains("W was left unchanged"));
+  }
+  SECTION("overflow from finite factors") {
+    layer.delta().A()(0, 7) = 3e38f;
+    layer.delta().B()(70, 0) = 3e38f;
+    CHECK_THROWS_WITH(layer.safe_merge(), Catch::Contains("row 70, column 7"));
+  }
+  CHECK_FALSE(layer.merged());
+  CHECK(std::memcmp(before.data(), layer.base_weight().data(), sizeof(float) * out * in) == 0);
+}
+
+TEST_CASE("safe_merge merges finite updates", "[merge][safe]") {
+  lora::RowMatrix<double> W = lora::RowMatrix<double>::Ones(3, 3);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<double, 1>{3, 3, {.alpha = 1}}};
+  layer.delta().A().setConstant(2);
+  layer.delta().B().setConstant(3);
+  REQUIRE(layer.safe_merge());
+  CHECK(layer.base_weight()(2, 1) == 7.0);
+}
+
+TEST_CASE("scale rules: alpha / r, rsLoRA, user scale, multiplier", "[scale]") {
+  using D = lora::LowRankDelta<float>;
+  CHECK(D(16, 16, 4, {.alpha = 8}).scale() == 2.0f);
+  CHECK(D(16, 16, 4, {.alpha = 8, .rule = lora::scaling::rslora}).scale() == 4.0f);
+  CHECK(D(16, 16, 4).scale() == 1.0f);  // alpha = 0: the user scale, 1 by default
+  CHECK(D(16, 16, 4, {.alpha = 0, .user_scale = 0.75}).scale() == 0.75f);
+  D d(16, 16, 8, {.alpha = 16, .multiplier = 0.5});
+  CHECK(d.scale() == 1.0f);
+  d.set_multiplier(0);
+  CHECK(d.scale() == 0.0f);
+  CHECK(d.trainable_parameters() == 8 * 32);
+  CHECK(lora::LowRankDelta<double, 3>(10, 20).trainable_parameters() == 90);
+}
+
+TEST_CASE("the effective weight is a lazy expression W + s B A", "[expr]") {
+  const index_t out = 12, in = 9, n = 4;
+  lora::RowMatrix<double> W(out, in), X(n, in), G(n, out);
+  fill(W, 12);
+  fill(X, 13);
+  fill(G, 14);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<double, 3>{out, in, {.alpha = 6}}};
+  layer.delta().init(lora::init::uniform_both{}, 15);
+  const lora::RowMatrix<double> dense = W + 2.0 * layer.delta().B() * layer.delta().A();
+
+  const lora::RowMatrix<double> materialised = lora::expr::materialize(layer.weight());
+  CHECK((materialised - dense).cwiseAbs().maxCoeff() < 1e-14);
+
+  typename decltype(layer)::workspace ws;
+  SECTION("apply_transposed gives G (W + s B A), the backward dX") {
+    lora::RowMatrix<double> dX(n, in);
+    lora::expr::apply_transposed(layer.unmerged_expression(), G, dX, 1.0, 0.0, ws);
+    CHECK((dX - G * dense).cwiseAbs().maxCoeff() < 1e-13);
+  }
+  SECTION("alpha and beta follow BLAS") {
+    lora::RowMatrix<double> Y = lora::RowMatrix<double>::Ones(n, out);
+    lora::expr::apply(layer.weight(), X, Y, 0.5, 2.0, ws);
+    const lora::RowMatrix<double> expected = 2.0 * lora::RowMatrix<double>::Ones(n, out) + 0.5 * X * dense.transpose();
+    CHECK((Y - expected).cwiseAbs().maxCoeff() < 1e-13);
+  }
+  SECTION("slices of rows") {
+    const lora::RowMatrix<double> part = lora::expr::materialize(lora::expr::slice_rows(layer.weight(), 5, 4));
+    CHECK((part - dense.middleRows(5, 4)).cwiseAbs().maxCoeff() < 1e-14);
+  }
+  SECTION("merged: W already holds the delta, the expression still equals W + s B A") {
+    layer.merge();
+    const lora::RowMatrix<double> m = lora::expr::materialize(layer.weight());
+    CHECK((m - dense).cwiseAbs().maxCoeff() < 1e-14);
+    CHECK((lora::expr::materialize(layer.base_expression()) - dense).cwiseAbs().maxCoeff() < 1e-14);
+  }
+  SECTION("expressions compose by hand") {
+    using lora::expr::leaf;
+    using lora::expr::product;
+    const auto e = leaf(W) + 2.0 * product(layer.delta().B(), layer.delta().A()) + (-1.0) * leaf(W);
+    const lora::RowMatrix<double> only_delta = lora::expr::materialize(e);
+    CHECK((only_delta - (dense - W)).cwiseAbs().maxCoeff() < 1e-14);
+    CHECK(lora::expr::first_non_finite(e) == -1);
+  }
+}
+
+TEST_CASE("typed errors name the function and the values", "[errors]") {
+  using Catch::Contains;
+  SECTION("ranks") {
+    CHECK_THROWS_AS(lora::LowRankDelta<float>(8, 4, 5), lora::rank_error);
+    CHECK_THROWS_WITH(lora::LowRankDelta<float>(8, 4, 5),
+                      Contains("LowRankDelta: rank 5 must satisfy 0 < r <= min(out, in) = 4"));
+    CHECK_THROWS_WITH(lora::LowRankDelta<float>(8, 4, 0), Contains("rank 0"));
+    CHECK_THROWS_WITH((lora::LowRankDelta<float, 4>(8, 8, 2)),
+                      Contains("rank 2 given for a static rank of 4"));
+    CHECK_THROWS_AS((lora::LowRankDelta<float, 16>(8, 32)), lora::rank_error);
+    CHECK_THROWS_AS(lora::LowRankDelta<float>(0, 4, 1), lora::shape_error);
+    CHECK_THROWS_AS(lora::LowRankDelta<float>(8, 4, 5), lora::error);  // common base
+  }
+  SECTION("shapes") {
+    lora::RowMatrix<float> W = lora::RowMatrix<float>::Zero(4096, 64);
+    CHECK_THROWS_WITH((lora::AdaptedLinear{W, lora::LowRankDelta<float, 2>{64, 64}}),
+                      Contains("base weight is [out, in] = [4096, 64] but the delta is [64, 64]"));
+    lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{4096, 64}};
+    lora::RowMatrix<float> X(3, 768), Y(3, 4096);
+    CHECK_THROWS_AS(layer.forward(X, Y), lora::shape_error);
+    CHECK_THROWS_WITH(layer.forward(X, Y),
+                      Contains("AdaptedLinear::forward: X has 768 columns, expected in_features = 64"));
+    lora::RowMatrix<float> X2(3, 64), Y2(2, 4096);
+    CHECK_THROWS_WITH(layer.forward(X2, Y2), Contains("Y is [2, 4096], expected [n, out] = [3, 4096]"));
+    Eigen::VectorXf bias(10);
+    CHECK_THROWS_WITH((lora::AdaptedLinear{W, bias, lora::LowRankDelta<float, 2>{4096, 64}}),
+                      Contains("bias has 10 entries, expected out_features = 4096"));
+    layer.delta().A().resize(2, 63);  // a user broke the factor's shape
+    CHECK_THROWS_AS(layer.forward(X2, layer.forward(X2)), lora::shape_error);
+  }
+  SECTION("in-place forward is refused") {
+    lora::RowMatrix<float> W = lora::RowMatrix<float>::Identity(8, 8);
+    lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{8, 8}};
+    lora::RowMatrix<float> XY = lora::RowMatrix<float>::Ones(2, 8);
+    CHECK_THROWS_WITH(layer.forward(XY, XY), Contains("X and Y share memory"));
+  }
+  SECTION("factor shapes") {
+    CHECK_THROWS_WITH(lora::LowRankDelta<double>(lora::RowMatrix<double>(5, 2), lora::RowMatrix<double>(3, 7)),
+                      Contains("B is [5, 2] and A is [3, 7]"));
+  }
+}
+
+TEST_CASE("forward is const and safe from several threads", "[threads]") {
+  const index_t out = 40, in = 56, n = 9;
+  lora::RowMatrix<float> W(out, in), X(n, in);
+  fill(W, 16);
+  fill(X, 17);
+  const lora::AdaptedLinear layer = [&] {
+    lora::AdaptedLinear l{W, lora::LowRankDelta<float, 4>{out, in, {.alpha = 8}}};
+    l.delta().init(lora::init::uniform_both{}, 18);
+    return l;
+  }();
+  const lora::RowMatrix<float> expected = layer.forward(X);
+  std::vector<lora::RowMatrix<float>> results(4);
+  std::vector<std::thread> threads;
+  for (auto& r : results)
+    threads.emplace_back([&] {
+      for (int rep = 0; rep < 20; ++rep) r = layer.forward(X);
+    });
+  for (auto& t : threads) t.join();
+  for (const auto& r : results) CHECK(r == expected);  // same inputs, same kernel: bit-identical
+}
+
+TEST_CASE("for_each_rank visits the ranks in order at compile time", "[rank]") {
+  std::vector<int> seen;
+  lora::index_t params = 0;
+  lora::for_each_rank<1, 2, 4, 8>([&]<int R>() {
+    static_assert(R > 0);
+    lora::LowRankDelta<float, R> d{16, 32};
+    STATIC_REQUIRE(decltype(d)::rank_at_compile_time == R);
+    seen.push_back(R);
+    params += d.trainable_parameters();
+  });
+  CHECK(seen == std::vector<int>{1, 2, 4, 8});
+  CHECK(params == (1 + 2 + 4 + 8) * 48);
+}
