@@ -1,0 +1,132 @@
+// Forward (merged vs unmerged), merge and unmerge at in = out = 4096, fp32, and
+// static vs dynamic rank. Ratios are what to read: every case of one run shares
+// the machine's state. Summarise with bench/ratios.py.
+#include <benchmark/benchmark.h>
+
+#include <lora/lora.hpp>
+
+namespace {
+
+constexpr lora::index_t kDim = 4096;
+
+const lora::RowMatrix<float>& base_weight() {
+  static const lora::RowMatrix<float> W = lora::RowMatrix<float>::Random(kDim, kDim);
+  return W;
+}
+
+template <int Rank>
+auto make_layer(lora::index_t r) {
+  lora::AdaptedLinear layer{base_weight(), lora::LowRankDelta<float, Rank>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
+  layer.delta().init(lora::init::uniform_both{0.01}, 1);
+  return layer;
+}
+
+// FLOPs and bytes of one forward: 2 n in out for the base product, plus
+// 2 n r (in + out) for the adapter when unmerged; W read once, X, Y, A, B once.
+void set_counters(benchmark::State& state, double flops, double bytes) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+  state.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate,
+                                              benchmark::Counter::kIs1000);
+  state.counters["F"] = double(state.range(0)) * 2.0 * kDim / (double(kDim) * kDim);  // adapter FLOP share
+}
+
+template <int Rank>
+void forward(benchmark::State& state, bool merged) {
+  const lora::index_t r = Rank == lora::dynamic ? state.range(0) : Rank, n = state.range(1);
+  auto layer = make_layer<Rank>(r);
+  lora::RowMatrix<float> W_merged;  // merged copy: the shared W stays pristine
+  const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
+  lora::RowMatrix<float> Y(n, kDim);
+  typename decltype(layer)::workspace ws;
+  auto run = [&](const auto& l) {
+    for (auto _ : state) {
+      l.forward(X, Y, ws);
+      benchmark::DoNotOptimize(Y.data());
+      benchmark::ClobberMemory();
+    }
+  };
+  if (merged) {
+    W_merged = base_weight();
+    lora::AdaptedLinear owned{W_merged, layer.delta()};
+    owned.merge();
+    run(owned);
+  } else {
+    run(layer);
+  }
+  const double base_flops = 2.0 * n * kDim * kDim, adapter_flops = merged ? 0 : 2.0 * n * r * 2 * kDim;
+  const double bytes = 4.0 * (kDim * kDim + 2.0 * n * kDim + (merged ? 0 : 2.0 * r * kDim));
+  set_counters(state, base_flops + adapter_flops, bytes);
+}
+
+void BM_forward_merged(benchmark::State& s) { forward<lora::dynamic>(s, true); }
+void BM_forward_unmerged(benchmark::State& s) { forward<lora::dynamic>(s, false); }
+
+template <int Rank>
+void BM_forward_static(benchmark::State& s) {
+  forward<Rank>(s, false);
+}
+
+// merge + unmerge as a pair keeps W unchanged across iterations; each is a
+// rank-r update reading and writing W once: 2 * 2 * out * in * r flops.
+void BM_merge_unmerge(benchmark::State& state) {
+  const lora::index_t r = state.range(0);
+  lora::RowMatrix<float> W = base_weight();
+  lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
+                            lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
+  layer.delta().init(lora::init::uniform_both{0.01}, 2);
+  for (auto _ : state) {
+    layer.merge();
+    layer.unmerge();
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 2 * 2.0 * r * kDim * kDim, 2 * 2 * 4.0 * kDim * kDim);
+}
+
+void BM_safe_merge_unmerge(benchmark::State& state) {
+  const lora::index_t r = state.range(0);
+  lora::RowMatrix<float> W = base_weight();
+  lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
+                            lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
+  layer.delta().init(lora::init::uniform_both{0.01}, 2);
+  for (auto _ : state) {
+    layer.safe_merge();
+    layer.unmerge();
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 3 * 2.0 * r * kDim * kDim, 3 * 2 * 4.0 * kDim * kDim);
+}
+
+void sizes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"r", "n"});
+  for (int r : {1, 8, 64})
+    for (int n : {1, 16, 256}) b->Args({r, n});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+template <int R>
+void static_sizes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"r", "n"});
+  for (int n : {1, 16}) b->Args({R, n});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_forward_merged)->Apply(sizes);
+BENCHMARK(BM_forward_unmerged)->Apply(sizes);
+BENCHMARK(BM_merge_unmerge)->ArgName("r")->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_safe_merge_unmerge)->ArgName("r")->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Static vs dynamic rank, r in {1, 2, 4, 8, 16}: the dynamic cases are
+// BM_forward_unmerged_dynamic with the same args.
+#define LORA_STATIC_DYNAMIC(R)                                                   \
+  BENCHMARK(BM_forward_static<R>)->Apply(static_sizes<R>);                       \
+  BENCHMARK(BM_forward_unmerged)->Name("BM_forward_dynamic/r" #R)->Apply(static_sizes<R>);
+LORA_STATIC_DYNAMIC(1)
+LORA_STATIC_DYNAMIC(2)
+LORA_STATIC_DYNAMIC(4)
+LORA_STATIC_DYNAMIC(8)
+LORA_STATIC_DYNAMIC(16)
+
+BENCHMARK_MAIN();
