@@ -76,6 +76,8 @@ class AdaptedLinear {
     return w_;
   }
   const bias_type& bias() const { return bias_; }
+  /// Writable bias, for optimizers when the bias trains (its size must stay [out]).
+  bias_type& bias() { return bias_; }
   Delta& delta() { return delta_; }
   const Delta& delta() const { return delta_; }
 

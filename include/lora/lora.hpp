@@ -18,3 +18,7 @@
 #include "low_rank_delta.hpp"
 #include "adapted_linear.hpp"
 #include "init.hpp"
+#include "train/dropout.hpp"
+#include "train/gradients.hpp"
+#include "train/optimizers.hpp"
+#include "train/memory.hpp"

@@ -182,6 +182,64 @@ struct eigen_backend {
     m = host;
   }
 
+  // ---- training primitives (train/: dropout, optimizers, gradient norms) ------
+  // Optimizer state and updates work on contiguous storage as "for each index i:
+  // update(i)" functors, so a Thrust backend runs the same functors with
+  // thrust::for_each over a counting_iterator.
+
+  /// Pointer to the contiguous storage of an owned matrix or vector.
+  template <class M>
+  static auto data(M&& m) {
+    return m.data();
+  }
+  /// Number of elements.
+  template <class M>
+  static index_t size(const M& m) {
+    return m.size();
+  }
+  /// f(i) for every i in [0, n). Sequential: the order and the result do not
+  /// depend on the thread count (determinism), and these loops are O(r (in + out)).
+  template <class F>
+  static void for_each_index(index_t n, F f) {
+    for (index_t i = 0; i < n; ++i) f(i);
+  }
+  /// sum of x[i]^2 over [0, n), accumulated in double so float gradients up to
+  /// FLT_MAX cannot overflow; a non-finite element makes the sum non-finite.
+  template <class T>
+  static double squared_norm(const T* x, index_t n) {
+    double acc = 0.0;
+    for (index_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+    return acc;
+  }
+  /// Index of the first non-finite element of x[0, n), or -1.
+  template <class T>
+  static index_t first_non_finite(const T* x, index_t n) {
+    for (index_t i = 0; i < n; ++i)
+      if (!std::isfinite(x[i])) return i;
+    return -1;
+  }
+  /// x[i] read back to the host (error messages).
+  template <class T>
+  static T read(const T* x, index_t i) {
+    return x[i];
+  }
+  /// Inverted dropout with a counter-based mask:
+  ///   Y = beta Y + alpha * keep(t, i) / (1 - p) * X   (X, Y [n, cols])
+  /// keep(t, i) = (to_unit(random_bits(seed, stream, t * cols + i)) >= p), so the
+  /// mask depends only on (seed, stream, t, i): every backend and thread count
+  /// draws the same one, and backward regenerates it instead of storing it.
+  template <class T, class X, class Y>
+  static void dropout(T alpha, const X& x, T beta, Y&& y, double p, std::uint64_t seed, std::uint64_t stream) {
+    const index_t cols = x.cols();
+    const T kept = alpha / static_cast<T>(1.0 - p);
+    for (index_t t = 0; t < x.rows(); ++t)
+      for (index_t i = 0; i < cols; ++i) {
+        const bool keep = detail::to_unit(detail::random_bits(seed, stream, static_cast<std::uint64_t>(t * cols + i))) >= p;
+        const T v = keep ? kept * x(t, i) : T(0);
+        y(t, i) = beta == T(0) ? v : beta * y(t, i) + v;
+      }
+  }
+
  private:
   template <class T, class A, class B, class C>
   static void gemm_impl(T alpha, const A& a, const B& b, T beta, C& c) {

@@ -1,0 +1,155 @@
+// train/memory.hpp: training-memory accounting, LoRA beside full fine-tuning.
+//
+// For an adapted layer W [out, in] with rank r (and optional bias [out]):
+//   frozen      = out * in                    elements at `precision.frozen` bytes
+//   trainable   = r (in + out) (+ out if the bias trains)
+//   gradients   = trainable                   at `precision.gradient` bytes
+//   optimizer   = states * trainable          at `precision.state` bytes
+//                 (AdamW: 2 states, SGD with momentum: 1, plain SGD: 0)
+// Full fine-tuning trains every parameter P: weights P at `precision.trainable`,
+// gradients P, optimizer states * P. Everything is computed from shapes, so
+// GPT-3-sized numbers cost nothing (no allocation); `memory_usage(layer)` reads
+// the shapes of a real layer. Activations are not counted: they are the same
+// for both and depend on the batch.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> instead of lora/train/memory.hpp."
+#endif
+
+#include <cstdint>
+#include <initializer_list>
+#include <span>
+
+#include "../config.hpp"
+#include "../error.hpp"
+
+namespace lora::train {
+
+/// Bytes per element of each kind of tensor (fractional for quantised bases:
+/// NF4 with double quantisation is 4.127 / 8 bytes per frozen weight).
+struct precision {
+  double frozen = 4;     ///< frozen base weights
+  double trainable = 4;  ///< trained parameters (and every weight under full fine-tuning)
+  double gradient = 4;
+  double state = 4;  ///< each optimizer state element
+  /// fp16 everywhere (the LoRA paper's GPT-3 arithmetic).
+  static constexpr precision fp16() { return {2, 2, 2, 2}; }
+  static constexpr precision fp32() { return {4, 4, 4, 4}; }
+};
+
+struct memory_options {
+  precision bytes = {};
+  /// Optimizer state tensors per trained parameter: AdamW 2, SGD with momentum 1.
+  int optimizer_states = 2;
+};
+
+/// Shape of one adapted layer; shape-only accounting needs nothing else.
+struct layer_shape {
+  index_t out = 0, in = 0, rank = 0;
+  bool bias = false;        ///< the layer has a bias [out]
+  bool train_bias = false;  ///< ... and it trains with the adapter
+};
+
+/// Parameters and bytes under LoRA, with the full fine-tuning figures beside.
+struct memory_report {
+  // LoRA
+  std::uint64_t frozen_parameters = 0;
+  std::uint64_t trainable_parameters = 0;
+  double frozen_bytes = 0, trainable_bytes = 0, gradient_bytes = 0, optimizer_bytes = 0;
+  // Full fine-tuning of the same parameters
+  std::uint64_t full_parameters = 0;
+  double full_weight_bytes = 0, full_gradient_bytes = 0, full_optimizer_bytes = 0;
+
+  double total_bytes() const { return frozen_bytes + trainable_bytes + gradient_bytes + optimizer_bytes; }
+  double full_total_bytes() const { return full_weight_bytes + full_gradient_bytes + full_optimizer_bytes; }
+  /// Full fine-tuning's trainable parameters over LoRA's.
+  double parameter_ratio() const {
+    return trainable_parameters ? double(full_parameters) / double(trainable_parameters) : 0.0;
+  }
+  /// Full fine-tuning's training memory over LoRA's (weights + gradients + state).
+  double memory_ratio() const { return total_bytes() > 0 ? full_total_bytes() / total_bytes() : 0.0; }
+
+  memory_report& operator+=(const memory_report& o) {
+    frozen_parameters += o.frozen_parameters;
+    trainable_parameters += o.trainable_parameters;
+    frozen_bytes += o.frozen_bytes;
+    trainable_bytes += o.trainable_bytes;
+    gradient_bytes += o.gradient_bytes;
+    optimizer_bytes += o.optimizer_bytes;
+    full_parameters += o.full_parameters;
+    full_weight_bytes += o.full_weight_bytes;
+    full_gradient_bytes += o.full_gradient_bytes;
+    full_optimizer_bytes += o.full_optimizer_bytes;
+    return *this;
+  }
+  friend memory_report operator+(memory_report a, const memory_report& b) { return a += b; }
+};
+
+namespace detail {
+inline memory_report account(std::uint64_t frozen, std::uint64_t trainable, std::uint64_t full,
+                             const memory_options& o) {
+  if (o.optimizer_states < 0)
+    lora::detail::raise<value_error>("train::memory_usage: optimizer_states = ", o.optimizer_states,
+                                     " must be >= 0");
+  const precision& b = o.bytes;
+  const double states = o.optimizer_states;
+  memory_report r;
+  r.frozen_parameters = frozen;
+  r.trainable_parameters = trainable;
+  r.frozen_bytes = double(frozen) * b.frozen;
+  r.trainable_bytes = double(trainable) * b.trainable;
+  r.gradient_bytes = double(trainable) * b.gradient;
+  r.optimizer_bytes = double(trainable) * states * b.state;
+  r.full_parameters = full;
+  r.full_weight_bytes = double(full) * b.trainable;
+  r.full_gradient_bytes = double(full) * b.gradient;
+  r.full_optimizer_bytes = double(full) * states * b.state;
+  return r;
+}
+}  // namespace detail
+
+/// One adapted layer, from its shape alone.
+inline memory_report memory_usage(const layer_shape& s, const memory_options& o = {}) {
+  if (s.out <= 0 || s.in <= 0 || s.rank <= 0 || s.rank > (s.out < s.in ? s.out : s.in))
+    lora::detail::raise<shape_error>("train::memory_usage: shape [out, in] = [", s.out, ", ", s.in, "] with rank ",
+                                     s.rank, " needs positive extents and 0 < r <= min(out, in)");
+  if (s.train_bias && !s.bias)
+    lora::detail::raise<value_error>("train::memory_usage: train_bias without a bias");
+  const auto out = std::uint64_t(s.out), in = std::uint64_t(s.in), r = std::uint64_t(s.rank);
+  const std::uint64_t bias = s.bias ? out : 0;
+  return detail::account(out * in + (s.train_bias ? 0 : bias), r * (in + out) + (s.train_bias ? bias : 0),
+                         out * in + bias, o);
+}
+
+/// A set of adapted layers (e.g. 96 x {W_q, W_v}).
+inline memory_report memory_usage(std::span<const layer_shape> layers, const memory_options& o = {}) {
+  memory_report total;
+  for (const auto& s : layers) total += memory_usage(s, o);
+  return total;
+}
+inline memory_report memory_usage(std::initializer_list<layer_shape> layers, const memory_options& o = {}) {
+  return memory_usage(std::span<const layer_shape>(layers.begin(), layers.size()), o);
+}
+
+/// Parameters the adapters do not touch (embeddings, W_k, the MLPs...): frozen
+/// under LoRA, trained under full fine-tuning.
+inline memory_report other_parameters(std::uint64_t count, const memory_options& o = {}) {
+  return detail::account(count, 0, count, o);
+}
+
+/// The shape of a real AdaptedLinear (read, nothing allocated).
+template <class Layer>
+  requires requires(const Layer& l) { l.delta().rank(); }
+layer_shape shape_of(const Layer& layer, bool train_bias = false) {
+  return {layer.out_features(), layer.in_features(), layer.rank(), layer.has_bias(), train_bias && layer.has_bias()};
+}
+
+/// One real layer.
+template <class Layer>
+  requires requires(const Layer& l) { l.delta().rank(); }
+memory_report memory_usage(const Layer& layer, const memory_options& o = {}, bool train_bias = false) {
+  return memory_usage(shape_of(layer, train_bias), o);
+}
+
+}  // namespace lora::train

@@ -1,0 +1,293 @@
+// train/optimizers.hpp: SGD (momentum, Nesterov) and AdamW over adapter
+// parameters only (A, B and, when it trains, the bias), with LoRA+ (a separate
+// learning-rate ratio for B), global-norm gradient clipping, and refusal of
+// non-finite gradients (lora::numeric_error naming the tensor; nothing updated).
+//
+// Updates are element-wise functors over contiguous storage ("for each index i:
+// update(i)"), run by the backend's for_each_index: the same functors run on
+// Thrust's CUDA, OMP and CPP systems.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> instead of lora/train/optimizers.hpp."
+#endif
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../config.hpp"
+#include "../error.hpp"
+#include "gradients.hpp"
+
+namespace lora::train {
+
+/// PyTorch's torch.optim.SGD: g' = c g + wd p; buf = momentum buf + g';
+/// p -= lr (nesterov ? g' + momentum buf : buf)  (c: the clipping factor).
+struct sgd_options {
+  double lr = 1e-2;
+  double momentum = 0.0;
+  double weight_decay = 0.0;  ///< coupled (L2 in the gradient), as torch.optim.SGD
+  bool nesterov = false;
+  double max_grad_norm = 0.0;    ///< clip the global gradient norm to this; 0 = off
+  double lora_plus_ratio = 1.0;  ///< LoRA+: B's learning rate is lr * ratio (paper: 2^4)
+};
+
+/// PyTorch's torch.optim.AdamW (decoupled weight decay, bias-corrected moments).
+struct adamw_options {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;  ///< decoupled: p *= 1 - lr * weight_decay
+  double max_grad_norm = 0.0;
+  double lora_plus_ratio = 1.0;
+};
+
+/// SGD's element update; LORA_HOST_DEVICE so Thrust runs it unchanged.
+template <class T>
+struct sgd_update {
+  T* p;
+  const T* g;
+  T* buf;  // null without momentum
+  T lr, momentum, weight_decay, grad_scale;
+  bool nesterov;
+  LORA_HOST_DEVICE void operator()(index_t i) const {
+    T d = grad_scale * g[i] + weight_decay * p[i];
+    if (buf) {
+      buf[i] = momentum * buf[i] + d;
+      d = nesterov ? d + momentum * buf[i] : buf[i];
+    }
+    p[i] -= lr * d;
+  }
+};
+
+/// AdamW's element update, in PyTorch's order and association.
+template <class T>
+struct adamw_update {
+  T* p;
+  const T* g;
+  T* m;
+  T* v;
+  T decay, beta1, beta2, step_size, bias_correction2_sqrt, eps, grad_scale;
+  LORA_HOST_DEVICE void operator()(index_t i) const {
+    using std::sqrt;
+    const T gi = grad_scale * g[i];
+    p[i] *= decay;
+    m[i] = beta1 * m[i] + (T(1) - beta1) * gi;
+    v[i] = beta2 * v[i] + (T(1) - beta2) * gi * gi;
+    p[i] -= step_size * m[i] / (sqrt(v[i]) / bias_correction2_sqrt + eps);
+  }
+};
+
+namespace detail {
+
+/// Registration, checks, norms and clipping shared by the optimizers; Derived
+/// supplies `states` (state tensors per parameter) and `update(k, grad_scale)`.
+template <class T, class Backend>
+class optimizer_base {
+ public:
+  using scalar = T;
+  using backend = Backend;
+  using state_vector = typename Backend::template vector<T>;
+
+  /// One trained tensor: value and gradient (contiguous, same size), a name for
+  /// messages, and its learning-rate multiplier (LoRA+ for B).
+  struct parameter {
+    std::string name;
+    T* value;
+    const T* grad;
+    index_t rows, cols;
+    double lr_scale;
+  };
+
+  /// Registers A, B (at lr * lora_plus_ratio) and, when `grads` has db, the
+  /// bias. The layer and the gradients are held by address: keep them alive
+  /// and in place while the optimizer is used. Train unmerged: while merged, W
+  /// holds the old s B A and steps on A and B do not reach the forward.
+  template <class Layer>
+  void add(Layer& layer, Gradients<Layer>& grads, const std::string& name = "") {
+    static_assert(std::is_same_v<typename Layer::scalar, T> && std::is_same_v<typename Layer::backend, Backend>,
+                  "lora::train optimizer: the layer's scalar type or backend differs from the optimizer's; "
+                  "use e.g. train::AdamW<float> for float layers");
+    const std::string prefix = name.empty() ? "layer" + std::to_string(layers_) : name;
+    ++layers_;
+    add_tensor(prefix + ".lora_A", layer.delta().A(), grads.dA(), 1.0);
+    add_tensor(prefix + ".lora_B", layer.delta().B(), grads.dB(), lora_plus_ratio_);
+    if (grads.has_bias()) add_tensor(prefix + ".bias", layer.bias(), grads.db(), 1.0);
+  }
+
+  /// Any other trainable tensor (a DoRA magnitude, a head) with its gradient.
+  template <class V, class G>
+  void add_tensor(const std::string& name, V& value, G& grad, double lr_scale = 1.0) {
+    if (value.rows() != grad.rows() || value.cols() != grad.cols())
+      lora::detail::raise<shape_error>(optimizer_name_, "::add: '", name, "' is [", value.rows(), ", ",
+                                       value.cols(), "] but its gradient is [", grad.rows(), ", ", grad.cols(),
+                                       "]");
+    params_.push_back({name, Backend::data(value), Backend::data(grad), value.rows(), value.cols(), lr_scale});
+    const index_t size = value.rows() * value.cols();
+    for (int k = 0; k < states_; ++k) {
+      state_vector st;
+      Backend::resize(st, size, 1);
+      Backend::fill(st, T(0));
+      state_.push_back(std::move(st));
+    }
+  }
+
+  const std::vector<parameter>& parameters() const { return params_; }
+  /// Elements of trained parameters and of optimizer state (memory accounting).
+  index_t parameter_elements() const {
+    index_t n = 0;
+    for (const auto& p : params_) n += p.rows * p.cols;
+    return n;
+  }
+  index_t state_elements() const {
+    index_t n = 0;
+    for (const auto& s : state_) n += Backend::size(s);
+    return n;
+  }
+  /// Steps taken so far.
+  long steps() const { return step_; }
+  /// The global gradient norm seen by the last step (before clipping).
+  double last_grad_norm() const { return last_norm_; }
+
+  /// The global L2 norm over every registered gradient. Throws
+  /// lora::numeric_error naming the first tensor with a NaN or Inf.
+  double grad_norm() const {
+    double total = 0.0;
+    for (const auto& p : params_) {
+      const index_t size = p.rows * p.cols;
+      const double sq = Backend::squared_norm(p.grad, size);
+      if (!std::isfinite(sq)) {
+        const index_t bad = Backend::first_non_finite(p.grad, size);
+        if (bad >= 0)
+          lora::detail::raise<numeric_error>(optimizer_name_, "::step: gradient of '", p.name,
+                                             "' is not finite at row ", bad / p.cols, ", column ", bad % p.cols,
+                                             " (value ", static_cast<double>(Backend::read(p.grad, bad)),
+                                             "); no parameter was updated");
+        lora::detail::raise<numeric_error>(optimizer_name_, "::step: the squared norm of the gradient of '",
+                                           p.name, "' overflows; no parameter was updated");
+      }
+      total += sq;
+    }
+    return std::sqrt(total);
+  }
+
+ protected:
+  optimizer_base(const char* name, int states, double lora_plus_ratio, double max_grad_norm)
+      : optimizer_name_(name), states_(states), lora_plus_ratio_(lora_plus_ratio), max_grad_norm_(max_grad_norm) {
+    if (!(lora_plus_ratio > 0.0) || !(max_grad_norm >= 0.0))
+      lora::detail::raise<value_error>(name, ": lora_plus_ratio = ", lora_plus_ratio,
+                                       " must be > 0 and max_grad_norm = ", max_grad_norm, " must be >= 0");
+  }
+
+  /// Checks every gradient, then returns the clipping factor applied to all of
+  /// them: min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_.
+  T begin_step() {
+    last_norm_ = grad_norm();
+    ++step_;
+    if (max_grad_norm_ > 0.0 && last_norm_ > 0.0) {
+      const double coef = max_grad_norm_ / (last_norm_ + 1e-6);
+      if (coef < 1.0) return static_cast<T>(coef);
+    }
+    return T(1);
+  }
+  T* state(std::size_t param, int k) { return Backend::data(state_[param * states_ + k]); }
+
+  const char* optimizer_name_;
+  int states_;
+  double lora_plus_ratio_, max_grad_norm_;
+  std::vector<parameter> params_;
+  std::vector<state_vector> state_;
+  long step_ = 0;
+  int layers_ = 0;
+  double last_norm_ = 0.0;
+};
+
+}  // namespace detail
+
+/// SGD with momentum over adapter parameters. `opt.add(layer, grads)`, then
+/// after each backward `opt.step()`.
+template <class T, class Backend = default_backend>
+class SGD : public detail::optimizer_base<T, Backend> {
+  using base = detail::optimizer_base<T, Backend>;
+
+ public:
+  explicit SGD(sgd_options o = {})
+      : base("train::SGD", o.momentum != 0.0 ? 1 : 0, o.lora_plus_ratio, o.max_grad_norm), o_(o) {
+    if (!(o.lr >= 0.0) || !(o.momentum >= 0.0) || !(o.weight_decay >= 0.0) || (o.nesterov && o.momentum == 0.0))
+      lora::detail::raise<value_error>("train::SGD: lr = ", o.lr, ", momentum = ", o.momentum,
+                                       ", weight_decay = ", o.weight_decay,
+                                       " must be >= 0 (and Nesterov needs momentum > 0)");
+  }
+  /// State tensors per parameter (memory accounting): 1 with momentum, else 0.
+  static int states(const sgd_options& o) { return o.momentum != 0.0 ? 1 : 0; }
+  const sgd_options& options() const { return o_; }
+
+  /// One update of every registered parameter. Returns the global gradient
+  /// norm before clipping.
+  double step() {
+    const T c = this->begin_step();
+    for (std::size_t k = 0; k < this->params_.size(); ++k) {
+      const auto& p = this->params_[k];
+      const sgd_update<T> f{p.value, p.grad, this->states_ ? this->state(k, 0) : nullptr,
+                            static_cast<T>(o_.lr * p.lr_scale), static_cast<T>(o_.momentum),
+                            static_cast<T>(o_.weight_decay), c, o_.nesterov};
+      Backend::for_each_index(p.rows * p.cols, f);
+    }
+    return this->last_norm_;
+  }
+
+ private:
+  sgd_options o_;
+};
+
+/// AdamW over adapter parameters; with lora_plus_ratio != 1 it is LoRA+.
+template <class T, class Backend = default_backend>
+class AdamW : public detail::optimizer_base<T, Backend> {
+  using base = detail::optimizer_base<T, Backend>;
+
+ public:
+  explicit AdamW(adamw_options o = {}) : base("train::AdamW", 2, o.lora_plus_ratio, o.max_grad_norm), o_(o) {
+    if (!(o.lr >= 0.0) || !(o.beta1 >= 0.0 && o.beta1 < 1.0) || !(o.beta2 >= 0.0 && o.beta2 < 1.0) ||
+        !(o.eps > 0.0) || !(o.weight_decay >= 0.0))
+      lora::detail::raise<value_error>("train::AdamW: lr = ", o.lr, ", beta1 = ", o.beta1, ", beta2 = ", o.beta2,
+                                       ", eps = ", o.eps, ", weight_decay = ", o.weight_decay,
+                                       ": need lr, weight_decay >= 0, betas in [0, 1), eps > 0");
+  }
+  /// State tensors per parameter: the first and second moments.
+  static int states(const adamw_options& = {}) { return 2; }
+  const adamw_options& options() const { return o_; }
+
+  /// One update of every registered parameter. Returns the global gradient
+  /// norm before clipping.
+  double step() {
+    const T c = this->begin_step();
+    const double t = static_cast<double>(this->step_);
+    const double bc1 = 1.0 - std::pow(o_.beta1, t), bc2 = 1.0 - std::pow(o_.beta2, t);
+    for (std::size_t k = 0; k < this->params_.size(); ++k) {
+      const auto& p = this->params_[k];
+      const double lr = o_.lr * p.lr_scale;
+      const adamw_update<T> f{p.value,
+                              p.grad,
+                              this->state(k, 0),
+                              this->state(k, 1),
+                              static_cast<T>(1.0 - lr * o_.weight_decay),
+                              static_cast<T>(o_.beta1),
+                              static_cast<T>(o_.beta2),
+                              static_cast<T>(lr / bc1),
+                              static_cast<T>(std::sqrt(bc2)),
+                              static_cast<T>(o_.eps),
+                              c};
+      Backend::for_each_index(p.rows * p.cols, f);
+    }
+    return this->last_norm_;
+  }
+
+ private:
+  adamw_options o_;
+};
+
+}  // namespace lora::train

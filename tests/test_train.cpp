@@ -1,0 +1,542 @@
+// Training: gradients against central finite differences (double) and the
+// closed form in long double (float), dropout masks, SGD / AdamW against
+// hand-computed values, clipping, non-finite refusal, memory accounting
+// (including the LoRA paper's GPT-3 arithmetic), a short training run, and
+// bit-identical determinism.
+#include <lora/lora.hpp>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using lora::index_t;
+namespace train = lora::train;
+
+template <class M>
+void fill(M& m, std::uint64_t seed) {
+  lora::eigen_backend::fill_random(m, lora::uniform_dist{-1.0, 1.0}, seed, 77);
+}
+
+template <class T, int R>
+auto make_layer(index_t out, index_t in, index_t r, std::uint64_t seed) {
+  lora::RowMatrix<T> W(out, in);
+  fill(W, seed);
+  Eigen::Matrix<T, Eigen::Dynamic, 1> b(out);
+  fill(b, seed + 1);
+  lora::AdaptedLinear layer{std::move(W), std::move(b), lora::LowRankDelta<T, R>{out, in, r, {.alpha = 3.0}}};
+  layer.delta().init(lora::init::uniform_both{}, seed + 2);  // B != 0 so every gradient is non-trivial
+  return layer;
+}
+
+// L = sum(Y .* C) for a fixed C, so dL/dY = C; in long double.
+template <class Layer, class XM, class CM>
+long double loss(const Layer& layer, const XM& X, const CM& C, const train::Dropout& drop, std::uint64_t step) {
+  using T = typename Layer::scalar;
+  lora::RowMatrix<T> Y(X.rows(), layer.out_features());
+  train::Tape<Layer> tape;
+  train::forward(layer, X, Y, tape, drop, step);
+  long double acc = 0;
+  for (index_t t = 0; t < Y.rows(); ++t)
+    for (index_t o = 0; o < Y.cols(); ++o) acc += (long double)Y(t, o) * C(t, o);
+  return acc;
+}
+
+// Central difference of `loss` over every element of `param`.
+template <class M, class F>
+lora::RowMatrix<long double> central_difference(M& param, F&& f, double h) {
+  lora::RowMatrix<long double> d(param.rows(), param.cols());
+  for (index_t i = 0; i < param.rows(); ++i)
+    for (index_t j = 0; j < param.cols(); ++j) {
+      const auto keep = param(i, j);
+      param(i, j) = keep + h;
+      const long double up = f();
+      param(i, j) = keep - h;
+      const long double down = f();
+      param(i, j) = keep;
+      d(i, j) = (up - down) / (2 * h);
+    }
+  return d;
+}
+
+// max |a - b| / max |b|
+template <class A, class B>
+long double relative_error(const A& a, const B& b) {
+  long double num = 0, den = 0;
+  for (index_t i = 0; i < b.rows(); ++i)
+    for (index_t j = 0; j < b.cols(); ++j) {
+      num = std::max(num, std::fabs((long double)a(i, j) - (long double)b(i, j)));
+      den = std::max(den, std::fabs((long double)b(i, j)));
+    }
+  return den > 0 ? num / den : num;
+}
+
+// The DESIGN.md formulas by plain loops in long double, with the sum of |terms|
+// per entry for a rounding bound (as test_core's reference).
+struct closed_form {
+  lora::RowMatrix<long double> dA, dB, dX, db, dA_mag, dB_mag, dX_mag, db_mag;
+};
+
+template <class WM, class AM, class BM, class XM, class GM>
+closed_form reference_backward(const WM& W, const AM& A, const BM& B, long double s, const XM& X, const GM& G,
+                               const train::Dropout* drop, std::uint64_t step) {
+  const index_t n = X.rows(), in = W.cols(), out = W.rows(), r = A.rows();
+  using LM = lora::RowMatrix<long double>;
+  LM mask = LM::Ones(n, in);
+  if (drop)
+    for (index_t t = 0; t < n; ++t)
+      for (index_t i = 0; i < in; ++i) mask(t, i) = drop->keeps(step, t, i, in) ? 1.0L / (1.0L - drop->p()) : 0.0L;
+  LM D(n, in), H = LM::Zero(n, r), Hm = LM::Zero(n, r), GB = LM::Zero(n, r), GBm = LM::Zero(n, r);
+  for (index_t t = 0; t < n; ++t)
+    for (index_t i = 0; i < in; ++i) D(t, i) = mask(t, i) * X(t, i);
+  for (index_t t = 0; t < n; ++t)
+    for (index_t k = 0; k < r; ++k) {
+      for (index_t i = 0; i < in; ++i) {
+        H(t, k) += D(t, i) * A(k, i);
+        Hm(t, k) += std::fabs(D(t, i) * A(k, i));
+      }
+      for (index_t o = 0; o < out; ++o) {
+        GB(t, k) += (long double)G(t, o) * B(o, k);
+        GBm(t, k) += std::fabs((long double)G(t, o) * B(o, k));
+      }
+    }
+  closed_form c{LM::Zero(r, in), LM::Zero(out, r), LM::Zero(n, in), LM::Zero(out, 1),
+                LM::Zero(r, in), LM::Zero(out, r), LM::Zero(n, in), LM::Zero(out, 1)};
+  for (index_t o = 0; o < out; ++o)
+    for (index_t k = 0; k < r; ++k)
+      for (index_t t = 0; t < n; ++t) {
+        c.dB(o, k) += s * G(t, o) * H(t, k);
+        c.dB_mag(o, k) += std::fabs(s * G(t, o)) * Hm(t, k);
+      }
+  for (index_t k = 0; k < r; ++k)
+    for (index_t i = 0; i < in; ++i)
+      for (index_t t = 0; t < n; ++t) {
+        c.dA(k, i) += s * GB(t, k) * D(t, i);
+        c.dA_mag(k, i) += std::fabs(s * D(t, i)) * GBm(t, k);
+      }
+  for (index_t t = 0; t < n; ++t)
+    for (index_t i = 0; i < in; ++i) {
+      long double ad = 0, adm = 0;
+      for (index_t o = 0; o < out; ++o) {
+        c.dX(t, i) += (long double)G(t, o) * W(o, i);
+        c.dX_mag(t, i) += std::fabs((long double)G(t, o) * W(o, i));
+      }
+      for (index_t k = 0; k < r; ++k) {
+        ad += GB(t, k) * A(k, i);
+        adm += GBm(t, k) * std::fabs((long double)A(k, i));
+      }
+      c.dX(t, i) += s * mask(t, i) * ad;
+      // Merged layers subtract and re-add the clean delta: count it twice.
+      c.dX_mag(t, i) += std::fabs(s) * (mask(t, i) + 2) * adm;
+    }
+  for (index_t o = 0; o < out; ++o)
+    for (index_t t = 0; t < n; ++t) {
+      c.db(o, 0) += G(t, o);
+      c.db_mag(o, 0) += std::fabs((long double)G(t, o));
+    }
+  return c;
+}
+
+template <class T, class M>
+void check_bound(const M& got, const lora::RowMatrix<long double>& ref, const lora::RowMatrix<long double>& mag,
+                 index_t terms, const char* what) {
+  // Higham's gamma bound for any summation order, 4x headroom, plus the
+  // rounding of the inputs to T.
+  const long double gamma = 4.0L * (terms + 4) * std::numeric_limits<T>::epsilon();
+  for (index_t i = 0; i < ref.rows(); ++i)
+    for (index_t j = 0; j < ref.cols(); ++j) {
+      INFO(what << "(" << i << ", " << j << "): got " << (long double)got(i, j) << ", closed form " << ref(i, j));
+      CHECK(std::fabs(got(i, j) - ref(i, j)) <= gamma * mag(i, j) + 1e-30L);
+    }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE_SIG("backward: dA, dB, dX, db against finite differences and the closed form", "[backward]",
+                       ((class T, int R), T, R), (double, 2), (double, lora::dynamic), (float, 3),
+                       (float, lora::dynamic)) {
+  const index_t out = 7, in = 9, n = 5;
+  const index_t r = R == lora::dynamic ? 4 : R;
+  auto layer = make_layer<T, R>(out, in, r, 100);
+  using Layer = decltype(layer);
+  lora::RowMatrix<T> X(n, in), G(n, out);
+  fill(X, 200);
+  fill(G, 201);
+  const std::uint64_t step = 3;
+  const bool with_dropout = GENERATE(false, true);
+  const bool merged = GENERATE(false, true);
+  CAPTURE(with_dropout, merged);
+  const train::Dropout drop(with_dropout ? 0.4 : 0.0, 5);
+  const lora::RowMatrix<T> W0 = layer.base_weight();
+
+  // Backward in the state under test.
+  if (merged) REQUIRE(layer.merge());
+  train::Tape<Layer> tape;
+  train::Gradients<Layer> grads(layer);
+  lora::RowMatrix<T> Y(n, out), dX(n, in);
+  train::forward(layer, X, Y, tape, drop, step);
+  train::backward(layer, X, G, tape, grads, dX);
+  REQUIRE(tape.dropped() == with_dropout);
+  if (merged) REQUIRE(layer.unmerge());
+
+  if constexpr (std::is_same_v<T, double>) {
+    // L is linear in each of A, B, b, X, so the central difference is exact up
+    // to rounding: |L| ~ 10, eps 1e-16, h 1e-3 -> ~1e-12 absolute.
+    const long double tol = 1e-9;
+    const double h = 1e-3;
+    auto L = [&] { return loss(layer, X, G, drop, step); };
+    CHECK(relative_error(grads.dA(), central_difference(layer.delta().A(), L, h)) < tol);
+    CHECK(relative_error(grads.dB(), central_difference(layer.delta().B(), L, h)) < tol);
+    CHECK(relative_error(grads.db(), central_difference(layer.bias(), L, h)) < tol);
+    CHECK(relative_error(dX, central_difference(X, L, h)) < tol);
+  } else {
+    const auto c = reference_backward(W0, layer.delta().A(), layer.delta().B(), (long double)layer.delta().scale(),
+                                      X, G, with_dropout ? &drop : nullptr, step);
+    check_bound<T>(grads.dA(), c.dA, c.dA_mag, out + n, "dA");
+    check_bound<T>(grads.dB(), c.dB, c.dB_mag, in + n, "dB");
+    check_bound<T>(dX, c.dX, c.dX_mag, out + 2 * r, "dX");
+    check_bound<T>(grads.db(), c.db, c.db_mag, n, "db");
+  }
+}
+
+TEST_CASE("backward: B = 0 at init gives dA = 0 and dB != 0", "[backward]") {
+  lora::RowMatrix<float> W(16, 12), X(4, 12), G(4, 16), Y(4, 16);
+  fill(W, 1);
+  fill(X, 2);
+  fill(G, 3);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 4>{16, 12, {.alpha = 8}}};
+  layer.delta().init(lora::init::kaiming_zero{}, 4);
+  train::Tape<decltype(layer)> tape;
+  train::Gradients<decltype(layer)> grads(layer);
+  train::forward(layer, X, Y, tape);
+  train::backward(layer, X, G, tape, grads);
+  CHECK(grads.dA().cwiseAbs().maxCoeff() == 0.0f);
+  CHECK(grads.dB().cwiseAbs().maxCoeff() > 0.0f);
+  CHECK_FALSE(grads.has_bias());
+}
+
+TEST_CASE("backward: accumulation, dX accumulation, and a tape that stops allocating", "[backward]") {
+  auto layer = make_layer<double, 3>(10, 6, 3, 7);
+  using Layer = decltype(layer);
+  lora::RowMatrix<double> X(8, 6), G(8, 10), Y(8, 10);
+  fill(X, 8);
+  fill(G, 9);
+  train::Tape<Layer> tape;
+  train::Gradients<Layer> once(layer), twice(layer);
+  lora::RowMatrix<double> dX(8, 6), dX2 = lora::RowMatrix<double>::Ones(8, 6);
+  train::forward(layer, X, Y, tape);
+  train::backward(layer, X, G, tape, once, dX);
+  const index_t capacity = tape.capacity();
+  CHECK(capacity == 3 * 8 * 3);  // H, G B and the evaluators' G B: [n, r] each, nothing [out, in]
+  train::backward(layer, X, G, tape, twice, dX2, {.accumulate = false, .accumulate_dx = true});
+  train::backward(layer, X, G, tape, twice, {.accumulate = true});
+  CHECK(tape.capacity() == capacity);
+  CHECK((twice.dA() - 2 * once.dA()).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK((twice.dB() - 2 * once.dB()).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK((twice.db() - 2 * once.db()).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK((dX2 - dX - lora::RowMatrix<double>::Ones(8, 6)).cwiseAbs().maxCoeff() < 1e-14);
+}
+
+TEST_CASE("dropout: counter-based mask, inverted scaling, eval mode, bad p", "[dropout]") {
+  const index_t n = 64, in = 128, out = 8;
+  lora::RowMatrix<double> X = lora::RowMatrix<double>::Ones(n, in), D(n, in);
+  const train::Dropout drop(0.25, 42);
+  lora::eigen_backend::dropout(1.0, X, 0.0, D, drop.p(), drop.seed(), 7);
+  index_t kept = 0;
+  for (index_t t = 0; t < n; ++t)
+    for (index_t i = 0; i < in; ++i) {
+      REQUIRE(D(t, i) == (drop.keeps(7, t, i, in) ? 1.0 / 0.75 : 0.0));  // exactly 1/(1-p) or 0
+      // The definition: element (t, i) is counter t * in + i of (seed, step).
+      REQUIRE(drop.keeps(7, t, i, in) ==
+              (lora::detail::to_unit(lora::detail::random_bits(42, 7, std::uint64_t(t * in + i))) >= 0.25));
+      kept += D(t, i) != 0.0;
+    }
+  // 8192 Bernoulli(0.75) draws: mean 6144, sd 39; 5 sd either side.
+  CHECK(std::abs(kept - 6144) < 200);
+  lora::RowMatrix<double> D2(n, in), D3(n, in);
+  lora::eigen_backend::dropout(1.0, X, 0.0, D2, drop.p(), drop.seed(), 7);
+  lora::eigen_backend::dropout(1.0, X, 0.0, D3, drop.p(), drop.seed(), 8);
+  CHECK(D2 == D);
+  CHECK(D3 != D);
+
+  SECTION("eval mode and p = 0 are the plain forward, bit for bit") {
+    lora::RowMatrix<double> W(out, in), Xr(n, in), Y(n, out);
+    fill(W, 1);
+    fill(Xr, 2);
+    lora::AdaptedLinear layer{W, lora::LowRankDelta<double, 2>{out, in, {.alpha = 4}}};
+    layer.delta().init(lora::init::uniform_both{}, 3);
+    train::Tape<decltype(layer)> tape;
+    train::Dropout d(0.5, 1);
+    train::forward(layer, Xr, Y, tape, d, 0);
+    CHECK(tape.dropped());
+    CHECK(Y != layer.forward(Xr));
+    d.eval();
+    train::forward(layer, Xr, Y, tape, d, 0);
+    CHECK_FALSE(tape.dropped());
+    CHECK(Y == layer.forward(Xr));
+    train::forward(layer, Xr, Y, tape, train::Dropout(0.0, 1), 0);
+    CHECK(Y == layer.forward(Xr));
+  }
+  SECTION("p outside [0, 1)") {
+    CHECK_THROWS_AS(train::Dropout(1.0), lora::value_error);
+    CHECK_THROWS_WITH(train::Dropout(-0.1), Catch::Contains("p = -0.1 must satisfy 0 <= p < 1"));
+    CHECK_THROWS_AS(train::Dropout(std::numeric_limits<double>::quiet_NaN()), lora::value_error);
+    CHECK_NOTHROW(train::Dropout(0.0));
+    CHECK_NOTHROW(train::Dropout(0.999));
+  }
+}
+
+namespace {
+// One scalar parameter, driven by hand-set gradients: a [1, 1] layer whose A
+// is the parameter under test (B's gradient is kept 0).
+struct scalar_problem {
+  lora::RowMatrix<double> W = lora::RowMatrix<double>::Zero(1, 1);
+  lora::AdaptedLinear<lora::RowMatrix<double>, lora::LowRankDelta<double, 1>> layer{
+      W, lora::LowRankDelta<double, 1>{1, 1}};
+  train::Gradients<decltype(layer)> grads{layer};
+  scalar_problem() {
+    layer.delta().A()(0, 0) = 1.0;
+    layer.delta().B()(0, 0) = 0.0;
+  }
+};
+}  // namespace
+
+TEST_CASE("AdamW and SGD steps match hand-computed values", "[optim]") {
+  // Values from the update rules of torch.optim.AdamW / SGD written out by hand
+  // in double (p0 = 1, gradients 0.5, -0.25, 1.0).
+  const double g[3] = {0.5, -0.25, 1.0};
+  SECTION("AdamW: lr 0.1, betas (0.9, 0.999), eps 1e-8, weight decay 0.01") {
+    // step 1: p = 1 * (1 - 0.001) - 0.1 * (0.05 / 0.1) / (sqrt(0.00025 / 0.001) + 1e-8) = 0.899000002
+    const double expected[3] = {0.8990000019999999, 0.8714672987058462, 0.8047846723763838};
+    scalar_problem sp;
+    train::AdamW<double> opt({.lr = 0.1, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01});
+    opt.add(sp.layer, sp.grads, "p");
+    for (int t = 0; t < 3; ++t) {
+      sp.grads.dA()(0, 0) = g[t];
+      opt.step();
+      CHECK(sp.layer.delta().A()(0, 0) == Approx(expected[t]).epsilon(1e-14));
+      CHECK(sp.layer.delta().B()(0, 0) == 0.0);  // zero gradient, decay of 0 is 0
+    }
+    CHECK(opt.steps() == 3);
+    CHECK(opt.state_elements() == 2 * 2);  // m and v for A [1, 1] and B [1, 1]
+  }
+  SECTION("SGD: lr 0.1, momentum 0.9, weight decay 0.01 (coupled), plain and Nesterov") {
+    const bool nesterov = GENERATE(false, true);
+    // plain: buf = 0.9 buf + (g + 0.01 p); p -= 0.1 buf.  step 1: 1 - 0.1 * 0.51 = 0.949
+    const double plain[3] = {0.949, 0.927151, 0.8065597489999999};
+    const double nest[3] = {0.9031, 0.90757411, 0.6981892081909999};
+    scalar_problem sp;
+    train::SGD<double> opt({.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .nesterov = nesterov});
+    opt.add(sp.layer, sp.grads);
+    for (int t = 0; t < 3; ++t) {
+      sp.grads.dA()(0, 0) = g[t];
+      opt.step();
+      CHECK(sp.layer.delta().A()(0, 0) == Approx(nesterov ? nest[t] : plain[t]).epsilon(1e-14));
+    }
+    CHECK(opt.state_elements() == 2);
+    CHECK(train::SGD<double>({.lr = 0.1}).states({}) == 0);
+  }
+}
+
+TEST_CASE("LoRA+ ratio, global-norm clipping, non-finite gradients", "[optim]") {
+  auto layer = make_layer<float, 2>(6, 5, 2, 11);
+  using Layer = decltype(layer);
+  train::Gradients<Layer> grads(layer);
+  grads.dA().setConstant(0.3f);  // ||g||^2 = 10 * 0.09 + 12 * 0.16 + 6 * 0.04 = 3.06
+  grads.dB().setConstant(0.4f);
+  grads.db().setConstant(0.2f);
+  const lora::RowMatrix<float> A0 = layer.delta().A(), B0 = layer.delta().B();
+  const Eigen::VectorXf b0 = layer.bias();
+
+  SECTION("LoRA+: B moves ratio times as far per unit gradient") {
+    train::SGD<float> opt({.lr = 0.5, .lora_plus_ratio = 16});
+    opt.add(layer, grads, "q");
+    CHECK(opt.step() == Approx(std::sqrt(3.06)).epsilon(1e-6));
+    CHECK((A0 - layer.delta().A()).maxCoeff() == Approx(0.5f * 0.3f));
+    CHECK((B0 - layer.delta().B()).maxCoeff() == Approx(16 * 0.5f * 0.4f));
+    CHECK((b0 - layer.bias()).maxCoeff() == Approx(0.5f * 0.2f));
+    REQUIRE(opt.parameters().size() == 3);
+    CHECK(opt.parameters()[1].name == "q.lora_B");
+  }
+  SECTION("clipping scales every gradient by max_norm / (norm + 1e-6)") {
+    train::SGD<float> opt({.lr = 1.0, .max_grad_norm = 0.5});
+    opt.add(layer, grads);
+    const double norm = opt.step();
+    const double c = 0.5 / (norm + 1e-6);
+    CHECK((A0 - layer.delta().A()).maxCoeff() == Approx(c * 0.3).epsilon(1e-5));
+    CHECK((B0 - layer.delta().B()).maxCoeff() == Approx(c * 0.4).epsilon(1e-5));
+    CHECK(opt.last_grad_norm() == norm);
+  }
+  SECTION("a NaN or Inf is reported by tensor name and position; nothing moves") {
+    train::AdamW<float> opt;
+    opt.add(layer, grads, "blocks.0.attn.q");
+    grads.dB()(4, 1) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_AS(opt.step(), lora::numeric_error);
+    CHECK_THROWS_WITH(opt.step(), Catch::Contains("train::AdamW::step: gradient of 'blocks.0.attn.q.lora_B' is "
+                                                  "not finite at row 4, column 1") &&
+                                      Catch::Contains("no parameter was updated"));
+    grads.dB()(4, 1) = 0.0f;
+    grads.db()(5) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH(opt.step(), Catch::Contains("'blocks.0.attn.q.bias'") && Catch::Contains("row 5, column 0"));
+    CHECK(layer.delta().A() == A0);
+    CHECK(layer.delta().B() == B0);
+    CHECK(layer.bias() == b0);
+    CHECK(opt.steps() == 0);
+  }
+  SECTION("finite float gradients near FLT_MAX do not overflow the norm") {
+    grads.dA().setConstant(3e38f);
+    train::SGD<float> opt({.lr = 0.0});
+    opt.add(layer, grads);
+    CHECK(std::isfinite(opt.step()));
+  }
+  SECTION("bad options") {
+    CHECK_THROWS_AS(train::AdamW<float>({.beta1 = 1.0}), lora::value_error);
+    CHECK_THROWS_AS(train::SGD<float>({.nesterov = true}), lora::value_error);
+    CHECK_THROWS_AS(train::SGD<float>({.lora_plus_ratio = 0}), lora::value_error);
+  }
+}
+
+TEST_CASE("backward rejects bad shapes with the function and the values", "[errors]") {
+  auto layer = make_layer<float, 2>(6, 5, 2, 21);
+  using Layer = decltype(layer);
+  lora::RowMatrix<float> X(4, 5), Y(4, 6), G(4, 6), dX(4, 5);
+  fill(X, 1);
+  fill(G, 2);
+  train::Tape<Layer> tape;
+  train::Gradients<Layer> grads(layer);
+  CHECK_THROWS_WITH(train::backward(layer, X, G, tape, grads),
+                    Catch::Contains("AdaptedLinear::backward: the tape is empty"));
+  train::forward(layer, X, Y, tape);
+  lora::RowMatrix<float> G_bad(3, 5), dX_bad(4, 6), X_bad(3, 5);
+  CHECK_THROWS_AS(train::backward(layer, X, G_bad, tape, grads), lora::shape_error);
+  CHECK_THROWS_WITH(train::backward(layer, X, G_bad, tape, grads),
+                    Catch::Contains("AdaptedLinear::backward: G is [3, 5], expected [n, out] = [4, 6]"));
+  CHECK_THROWS_WITH(train::backward(layer, X, G, tape, grads, dX_bad),
+                    Catch::Contains("dX is [4, 6], expected [n, in] = [4, 5]"));
+  CHECK_THROWS_WITH(train::backward(layer, X_bad, G, tape, grads),
+                    Catch::Contains("X has 3 rows but the tape's forward saw 4 tokens"));
+  lora::RowMatrix<float> X_cols(4, 7), Y_bad(4, 5);
+  CHECK_THROWS_WITH(train::forward(layer, X_cols, Y, tape),
+                    Catch::Contains("X has 7 columns, expected in_features = 5"));
+  CHECK_THROWS_WITH(train::forward(layer, X, Y_bad, tape), Catch::Contains("Y is [4, 5], expected [n, out] = [4, 6]"));
+  layer.merge();
+  CHECK_THROWS_WITH(train::backward(layer, X, G, tape, grads, dX),
+                    Catch::Contains("was unmerged in forward and is merged now"));
+  layer.unmerge();
+  train::Gradients<Layer> no_bias(layer, false);
+  CHECK_NOTHROW(train::backward(layer, X, G, tape, no_bias, dX));
+  train::AdamW<float> opt;
+  lora::RowMatrix<float> wrong(2, 2);
+  CHECK_THROWS_WITH(opt.add_tensor("head", layer.delta().A(), wrong),
+                    Catch::Contains("train::AdamW::add: 'head' is [2, 5] but its gradient is [2, 2]"));
+}
+
+TEST_CASE("memory accounting: known shapes and the LoRA paper's GPT-3 175B arithmetic", "[memory]") {
+  SECTION("one 4096 x 4096 projection, r = 8, fp32, AdamW") {
+    const auto m = train::memory_usage(train::layer_shape{4096, 4096, 8});
+    CHECK(m.frozen_parameters == 4096u * 4096u);
+    CHECK(m.trainable_parameters == 8u * 8192u);
+    CHECK(m.frozen_bytes == 4.0 * 4096 * 4096);
+    CHECK(m.trainable_bytes == 4.0 * 65536);
+    CHECK(m.gradient_bytes == 4.0 * 65536);
+    CHECK(m.optimizer_bytes == 2 * 4.0 * 65536);
+    CHECK(m.full_parameters == 4096u * 4096u);
+    CHECK(m.full_total_bytes() == 16.0 * 4096 * 4096);  // weight + gradient + m + v
+    CHECK(m.parameter_ratio() == 256.0);
+  }
+  SECTION("a real layer gives its shape's figures; the optimizer holds what is counted") {
+    auto layer = make_layer<float, 4>(48, 32, 4, 31);
+    train::Gradients<decltype(layer)> grads(layer);
+    train::AdamW<float> opt;
+    opt.add(layer, grads);
+    const auto m = train::memory_usage(layer, {}, /*train_bias=*/true);
+    CHECK(m.trainable_parameters == std::uint64_t(opt.parameter_elements()));
+    CHECK(m.optimizer_bytes == 4.0 * double(opt.state_elements()));
+    CHECK(m.frozen_parameters == 48u * 32u);
+    CHECK(m.full_parameters == 48u * 32u + 48u);
+    const auto sgd = train::memory_usage(layer, {.optimizer_states = train::SGD<float>::states({.momentum = 0.9})});
+    CHECK(sgd.optimizer_bytes == 4.0 * 4 * (48 + 32));
+  }
+  SECTION("GPT-3 175B: 96 layers, d = 12288, W_q and W_v at r = 4, fp16, Adam") {
+    const index_t d = 12288;
+    std::vector<train::layer_shape> adapted(2 * 96, train::layer_shape{d, d, 4});
+    const train::memory_options fp16{.bytes = train::precision::fp16(), .optimizer_states = 2};
+    const double P = 175e9;  // the paper's parameter count
+    const auto m = train::memory_usage(adapted, fp16) + train::other_parameters(std::uint64_t(P) - 192u * d * d, fp16);
+    CHECK(m.trainable_parameters == 18874368u);  // 2 * 96 * 4 * (12288 + 12288)
+    CHECK(m.full_parameters == std::uint64_t(P));
+    CHECK(m.parameter_ratio() == Approx(9272).epsilon(1e-3));  // "about 10,000x"
+    // The paper's arithmetic: Adam keeps 2 states per trained parameter, so full
+    // fine-tuning holds 3x the fp16 weights, LoRA about 1x:
+    const double full = m.full_weight_bytes + m.full_optimizer_bytes;
+    const double lora = m.frozen_bytes + m.trainable_bytes + m.optimizer_bytes;
+    CHECK(full == Approx(1.05e12));  // "1.2 TB" (the paper's measured figure)
+    CHECK(lora == Approx(350.1e9).epsilon(1e-3));  // "350 GB"
+    CHECK(full / lora == Approx(3.0).epsilon(2e-3));
+    // Counting fp16 gradients as well: 1.4 TB against 350 GB.
+    CHECK(m.full_total_bytes() == Approx(1.4e12));
+    CHECK(m.memory_ratio() == Approx(4.0).epsilon(2e-3));
+  }
+  SECTION("bad shapes") {
+    CHECK_THROWS_AS(train::memory_usage(train::layer_shape{8, 8, 9}), lora::shape_error);
+    CHECK_THROWS_AS(train::memory_usage(train::layer_shape{8, 8, 2, false, true}), lora::value_error);
+  }
+}
+
+namespace {
+// Fits a rank-2 change of a frozen [8, 16] layer from 64 noise-free samples
+// with AdamW; returns the per-step losses and the final factors.
+struct run_result {
+  std::vector<double> losses;
+  lora::RowMatrix<float> A, B;
+};
+run_result tiny_training_run(double p, int steps) {
+  const index_t out = 8, in = 16, n = 64;
+  lora::RowMatrix<float> W(out, in), X(n, in), U(out, 2), V(2, in);
+  fill(W, 1);
+  fill(X, 2);
+  fill(U, 3);
+  fill(V, 4);
+  const lora::RowMatrix<float> target = X * (W + 0.5f * U * V).transpose();
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{out, in, {.alpha = 2}}};
+  layer.delta().init(lora::init::kaiming_zero{}, 5);
+  using Layer = decltype(layer);
+  train::Tape<Layer> tape;
+  train::Gradients<Layer> grads(layer);
+  train::AdamW<float> opt({.lr = 0.05, .weight_decay = 0.0});
+  opt.add(layer, grads);
+  const train::Dropout drop(p, 6);
+  lora::RowMatrix<float> Y(n, out), G(n, out);
+  run_result r;
+  for (int step = 0; step < steps; ++step) {
+    train::forward(layer, X, Y, tape, drop, std::uint64_t(step));
+    G = (Y - target) * (2.0f / float(n * out));  // d mean((Y - T)^2) / dY
+    r.losses.push_back(double((Y - target).squaredNorm()) / double(n * out));
+    train::backward(layer, X, G, tape, grads);
+    opt.step();
+  }
+  r.A = layer.delta().A();
+  r.B = layer.delta().B();
+  return r;
+}
+}  // namespace
+
+TEST_CASE("a short training run fits a rank-2 change", "[training]") {
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = tiny_training_run(0.0, 300);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  INFO("initial loss " << r.losses.front() << ", final " << r.losses.back() << ", " << ms << " ms");
+  CHECK(r.losses.front() > 0.1);
+  CHECK(r.losses.back() < 1e-4);  // noise-free: the loss goes to rounding level
+}
+
+TEST_CASE("the same seed gives bit-identical training", "[training][determinism]") {
+  const double p = GENERATE(0.0, 0.1);
+  const auto a = tiny_training_run(p, 40), b = tiny_training_run(p, 40);
+  CHECK(a.losses == b.losses);
+  CHECK(a.A == b.A);
+  CHECK(a.B == b.B);
+}
