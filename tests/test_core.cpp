@@ -353,3 +353,32 @@ TEST_CASE("for_each_rank visits the ranks in order at compile time", "[rank]") {
   CHECK(seen == std::vector<int>{1, 2, 4, 8});
   CHECK(params == (1 + 2 + 4 + 8) * 48);
 }
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forward][threads]", float, double) {
+  // W has >= 2^18 elements and an odd row count, so the OpenMP row split runs
+  // (when built with OpenMP) with uneven slices; n crosses the split limit.
+#ifdef _OPENMP
+  omp_set_num_threads(2);
+#endif
+  using T = TestType;
+  const index_t out = 701, in = 389;
+  lora::RowMatrix<T> W(out, in);
+  fill(W, 21);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 5, {.alpha = 10}}};
+  layer.delta().init(lora::init::uniform_both{}, 22);
+  for (index_t n : {1, 2, 7, 64, 65}) {
+    CAPTURE(n);
+    lora::RowMatrix<T> X(n, in);
+    fill(X, 23 + n);
+    const auto ref = reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, nullptr);
+    check_against<T>(layer.forward(X), ref, in + 5);
+    if (n == 1) {
+      const Eigen::Matrix<T, Eigen::Dynamic, 1> x = X.row(0).transpose();
+      check_against<T>(layer.forward(x).transpose(), ref, in + 5);
+    }
+  }
+}

@@ -17,6 +17,23 @@
 #include "../../error.hpp"
 #include "../traits.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Products with at most this many tokens (rows of X) split W's rows across
+// OpenMP threads themselves: each thread streams its own slice of W through a
+// single-threaded Eigen kernel, with no packing barrier. Eigen's own threading
+// only pays off for wide GEMMs (and never for GEMV). 0 disables the split.
+#ifndef LORA_EIGEN_ROW_SPLIT_MAX_TOKENS
+#define LORA_EIGEN_ROW_SPLIT_MAX_TOKENS 64
+#endif
+// ... and only when W has at least this many elements (smaller products do
+// not amortise the parallel region).
+#ifndef LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS
+#define LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS (1 << 18)
+#endif
+
 namespace lora {
 
 namespace detail {
@@ -67,6 +84,23 @@ struct eigen_backend {
   /// Y = beta Y + alpha X W^T  (X [n, k], W [m, k], Y [n, m])
   template <class T, class X, class W, class Y>
   static void gemm_nt(T alpha, const X& x, const W& w, T beta, Y&& y) {
+#ifdef _OPENMP
+    if (x.rows() <= LORA_EIGEN_ROW_SPLIT_MAX_TOKENS && w.size() >= LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS &&
+        !omp_in_parallel() && omp_get_max_threads() > 1) {
+      const index_t rows = w.rows();
+#pragma omp parallel
+      {
+        // Contiguous slices of W's rows (Y's columns), one per thread.
+        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const index_t begin = rows * t / nt, end = rows * (t + 1) / nt;
+        if (end > begin) {
+          auto y_slice = y.middleCols(begin, end - begin);                             // (n, slice)
+          gemm_impl(alpha, x, w.middleRows(begin, end - begin).transpose(), beta, y_slice);  // (slice, in)^T
+        }
+      }
+      return;
+    }
+#endif
     gemm_impl(alpha, x, w.transpose(), beta, y);
   }
   /// C = beta C + alpha A B  (A [m, k], B [k, n])
