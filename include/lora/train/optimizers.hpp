@@ -112,7 +112,11 @@ class optimizer_base {
     static_assert(std::is_same_v<typename Layer::scalar, T> && std::is_same_v<typename Layer::backend, Backend>,
                   "lora::train optimizer: the layer's scalar type or backend differs from the optimizer's; "
                   "use e.g. train::AdamW<float> for float layers");
-    const std::string prefix = name.empty() ? "layer" + std::to_string(layers_) : name;
+    std::string prefix = name;
+    if (prefix.empty()) {
+      prefix = "layer";
+      prefix += std::to_string(layers_);
+    }
     ++layers_;
     add_tensor(prefix + ".lora_A", layer.delta().A(), grads.dA(), 1.0);
     add_tensor(prefix + ".lora_B", layer.delta().B(), grads.dB(), lora_plus_ratio_);
@@ -225,6 +229,11 @@ class SGD : public detail::optimizer_base<T, Backend> {
   /// State tensors per parameter (memory accounting): 1 with momentum, else 0.
   static int states(const sgd_options& o) { return o.momentum != 0.0 ? 1 : 0; }
   const sgd_options& options() const { return o_; }
+  /// Learning-rate schedules set the rate between steps.
+  void set_lr(double lr) {
+    if (!(lr >= 0.0)) lora::detail::raise<value_error>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be >= 0");
+    o_.lr = lr;
+  }
 
   /// One update of every registered parameter. Returns the global gradient
   /// norm before clipping.
@@ -260,6 +269,11 @@ class AdamW : public detail::optimizer_base<T, Backend> {
   /// State tensors per parameter: the first and second moments.
   static int states(const adamw_options& = {}) { return 2; }
   const adamw_options& options() const { return o_; }
+  /// Learning-rate schedules set the rate between steps.
+  void set_lr(double lr) {
+    if (!(lr >= 0.0)) lora::detail::raise<value_error>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be >= 0");
+    o_.lr = lr;
+  }
 
   /// One update of every registered parameter. Returns the global gradient
   /// norm before clipping.
