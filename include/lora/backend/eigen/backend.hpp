@@ -16,6 +16,7 @@
 #include "../../detail/random.hpp"
 #include "../../error.hpp"
 #include "../traits.hpp"
+#include "skinny.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -32,6 +33,18 @@
 // not amortise the parallel region).
 #ifndef LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS
 #define LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS (1 << 18)
+#endif
+// Token counts served by the register-blocked skinny kernel (skinny.hpp), and
+// the shortest dot product (in) worth it: the adapter's expand step, whose
+// depth is r, stays with Eigen.
+#ifndef LORA_EIGEN_SKINNY_MIN_TOKENS
+#define LORA_EIGEN_SKINNY_MIN_TOKENS 2
+#endif
+#ifndef LORA_EIGEN_SKINNY_MAX_TOKENS
+#define LORA_EIGEN_SKINNY_MAX_TOKENS 64
+#endif
+#ifndef LORA_EIGEN_SKINNY_MIN_DEPTH
+#define LORA_EIGEN_SKINNY_MIN_DEPTH 256
 #endif
 
 namespace lora {
@@ -84,23 +97,30 @@ struct eigen_backend {
   /// Y = beta Y + alpha X W^T  (X [n, k], W [m, k], Y [n, m])
   template <class T, class X, class W, class Y>
   static void gemm_nt(T alpha, const X& x, const W& w, T beta, Y&& y) {
-#ifdef _OPENMP
-    if (x.rows() <= LORA_EIGEN_ROW_SPLIT_MAX_TOKENS && w.size() >= LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS &&
-        !omp_in_parallel() && omp_get_max_threads() > 1) {
-      const index_t rows = w.rows();
-#pragma omp parallel
-      {
-        // Contiguous slices of W's rows (Y's columns), one per thread.
-        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const index_t begin = rows * t / nt, end = rows * (t + 1) / nt;
-        if (end > begin) {
-          auto y_slice = y.middleCols(begin, end - begin);                             // (n, slice)
-          gemm_impl(alpha, x, w.middleRows(begin, end - begin).transpose(), beta, y_slice);  // (slice, in)^T
-        }
+    using XT = std::remove_cvref_t<X>;
+    using WT = std::remove_cvref_t<W>;
+    using YT = std::remove_cvref_t<Y>;
+    const index_t n = x.rows();
+    if constexpr (std::is_same_v<typename XT::Scalar, T> && std::is_same_v<typename WT::Scalar, T> &&
+                  detail::skinny::row_major_direct_v<XT> && detail::skinny::row_major_direct_v<WT> &&
+                  detail::skinny::row_major_direct_v<YT>) {
+      if (n >= LORA_EIGEN_SKINNY_MIN_TOKENS && n <= LORA_EIGEN_SKINNY_MAX_TOKENS &&
+          x.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH && x.innerStride() == 1 && w.innerStride() == 1 &&
+          y.innerStride() == 1) {
+        for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
+          detail::skinny::rows(w.data(), w.outerStride(), begin, end, x.data(), x.outerStride(), n, x.cols(),
+                               alpha, beta, y.data(), y.outerStride());
+        });
+        return;
       }
+    }
+    if (n <= LORA_EIGEN_ROW_SPLIT_MAX_TOKENS) {
+      for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
+        auto y_slice = y.middleCols(begin, end - begin);                                   // (n, slice)
+        gemm_impl(alpha, x, w.middleRows(begin, end - begin).transpose(), beta, y_slice);  // (slice, in)^T
+      });
       return;
     }
-#endif
     gemm_impl(alpha, x, w.transpose(), beta, y);
   }
   /// C = beta C + alpha A B  (A [m, k], B [k, n])
@@ -275,6 +295,26 @@ struct eigen_backend {
   }
 
  private:
+  /// f(begin, end) over contiguous slices of [0, rows): one slice per OpenMP
+  /// thread when the operand is large enough to amortise a parallel region and
+  /// we are not already inside one; else one call over everything.
+  template <class F>
+  static void for_row_slices(index_t rows, index_t elements, F&& f) {
+#ifdef _OPENMP
+    if (elements >= LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+      {
+        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const index_t begin = rows * t / nt, end = rows * (t + 1) / nt;
+        if (end > begin) f(begin, end);
+      }
+      return;
+    }
+#endif
+    (void)elements;
+    f(index_t(0), rows);
+  }
+
   template <class T, class A, class B, class C>
   static void gemm_impl(T alpha, const A& a, const B& b, T beta, C& c) {
     if (beta == T(0)) {
