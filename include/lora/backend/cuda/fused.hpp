@@ -1,0 +1,179 @@
+// backend/cuda/fused.hpp: the CUDA fast path of the LoRA forward (nvcc only).
+//   Y  = X W^T                     cuBLAS (row-major by the transposition trick)
+//   Y += s (X A^T) B^T             fused kernel: the [n, r] intermediate H stays in
+//                                  shared memory, specialised on a static rank
+//   Y += b                         Thrust functor
+// The fused kernel serves the latency-bound small-n case (decode, n <= 16);
+// larger n (or a rank without a compiled kernel) takes two cuBLAS products
+// through an [n, r] workspace, where the redundant per-block shrink of the
+// fused kernel would cost more than the extra launch.
+// fp32, fp64, fp16 and bf16 storage; fp32 accumulation for 16-bit types.
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "lora/backend/cuda/fused.hpp is compiled by nvcc only."
+#endif
+
+#include <cuda_runtime.h>
+
+#include "../../config.hpp"
+#include "../../error.hpp"
+#include "blas.hpp"
+#include "runtime.hpp"
+
+namespace lora::cuda {
+
+using lora::kernels::accum_t;
+
+namespace device_kernels {
+
+/// One block: TOK tokens x THREADS output columns.
+///  1. shrink: warp w computes H[t, k] = X[t, :] . A[k, :] for k = w, w + warps, ...
+///     (lanes stride over `in`, coalesced; shuffle reduction) into shared memory;
+///  2. expand: thread o keeps B[o, :] (r values) in registers and adds
+///     alpha * H[t, :] . B[o, :] to Y[t, o] for the block's tokens.
+/// Every block over the same tokens recomputes the (cheap, L2-resident) shrink,
+/// so no second launch and no global round trip for H.
+template <class T, int R, int TOK, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    fused_adapter(const T* __restrict__ x, index_t ldx, const T* __restrict__ a, index_t lda,
+                  const T* __restrict__ b, index_t ldb, T* __restrict__ y, index_t ldy, index_t n, index_t in,
+                  index_t out, accum_t<T> alpha) {
+  using A = accum_t<T>;
+  constexpr int warps = THREADS / 32;
+  __shared__ A h[TOK][R];  // (TOK, r)
+  const index_t t0 = static_cast<index_t>(blockIdx.y) * TOK;
+  const int tokens = static_cast<int>(n - t0 < TOK ? n - t0 : TOK);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+
+  for (int k = warp; k < R; k += warps) {
+    A acc[TOK] = {};
+    for (index_t i = lane; i < in; i += 32) {
+      const A av = static_cast<A>(a[k * lda + i]);
+#pragma unroll
+      for (int t = 0; t < TOK; ++t)
+        if (t < tokens) acc[t] += av * static_cast<A>(x[(t0 + t) * ldx + i]);
+    }
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], offset);
+      if (lane == 0) h[t][k] = acc[t];
+    }
+  }
+  __syncthreads();
+
+  const index_t o = static_cast<index_t>(blockIdx.x) * THREADS + threadIdx.x;
+  if (o >= out) return;
+  A bo[R];  // B[o, :] (r) in registers
+#pragma unroll
+  for (int k = 0; k < R; ++k) bo[k] = static_cast<A>(b[o * ldb + k]);
+#pragma unroll
+  for (int t = 0; t < TOK; ++t) {
+    if (t >= tokens) break;
+    A acc = 0;
+#pragma unroll
+    for (int k = 0; k < R; ++k) acc += h[t][k] * bo[k];
+    T& dst = y[(t0 + t) * ldy + o];
+    dst = static_cast<T>(static_cast<A>(dst) + alpha * acc);
+  }
+}
+
+}  // namespace device_kernels
+
+/// The fused kernel's host handle (CUTLASS style): can_implement() says whether
+/// the fast path takes a shape; callers fall back otherwise.
+template <class T, int Rank>
+struct fused_adapter {
+  static constexpr int tokens_per_block = 4;
+  static constexpr int threads = 256;
+  /// Beyond this many tokens the redundant shrink outweighs the saved launch.
+  static constexpr index_t max_tokens = 16;
+
+  static bool can_implement(index_t n, index_t rank) {
+    return Rank != dynamic && rank == Rank && Rank <= 128 && n <= max_tokens;
+  }
+
+  /// Y (n, out) += alpha (X A^T) B^T on the current stream.
+  static void run(accum_t<T> alpha, device_matrix_view<const T> x, device_matrix_view<const T> a,
+                  device_matrix_view<const T> b, device_matrix_view<T> y) {
+    if constexpr (Rank != dynamic) {
+      if (x.rows() == 0 || y.cols() == 0) return;
+      const dim3 grid(static_cast<unsigned>((y.cols() + threads - 1) / threads),
+                      static_cast<unsigned>((x.rows() + tokens_per_block - 1) / tokens_per_block));
+      device_kernels::fused_adapter<T, Rank, tokens_per_block, threads><<<grid, threads, 0, current_stream()>>>(
+          x.data(), x.stride(), a.data(), a.stride(), b.data(), b.stride(), y.data(), y.stride(), x.rows(),
+          x.cols(), y.cols(), alpha);
+      check_launch("lora::cuda::fused_adapter<<<>>>", __FILE__, __LINE__);
+    } else {
+      lora::detail::raise<value_error>("lora::cuda::fused_adapter: needs a static rank");
+    }
+  }
+};
+
+namespace adapter_detail {
+template <class X, class A, class B, class Y>
+void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
+  if (a.cols() != x.cols() || b.cols() != a.rows() || y.rows() != x.rows() || y.cols() != b.rows())
+    lora::detail::raise<shape_error>("lora::cuda::adapter_forward: X is [", x.rows(), ", ", x.cols(), "], A is [",
+                                     a.rows(), ", ", a.cols(), "], B is [", b.rows(), ", ", b.cols(), "], Y is [",
+                                     y.rows(), ", ", y.cols(), "]; need X [n, in], A [r, in], B [out, r], Y [n, out]");
+}
+}  // namespace adapter_detail
+
+/// Y (n, out) += s (X A^T) B^T, the adapter term of the unmerged forward.
+/// Static Rank (or a runtime rank of 8, 16, 32 or 64: the common LoRA ranks,
+/// each one more kernel to compile): the fused kernel
+/// when it can take n; otherwise shrink and expand through cuBLAS with the
+/// [n, r] intermediate in `ws` (slot 0), in T.
+template <int Rank = dynamic, class T>
+void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
+                     device_matrix_view<const T> b, device_matrix_view<T> y,
+                     typename thrust_backend::template workspace<T>& ws) {
+  adapter_detail::check_adapter(x, a, b, y);
+  const index_t n = x.rows(), r = a.rows();
+  if constexpr (Rank != dynamic) {
+    if (fused_adapter<T, Rank>::can_implement(n, r)) return fused_adapter<T, Rank>::run(s, x, a, b, y);
+  } else {
+    bool done = false;
+    for_each_rank<8, 16, 32, 64>([&]<int R>() {
+      if (!done && fused_adapter<T, R>::can_implement(n, r)) {
+        fused_adapter<T, R>::run(s, x, a, b, y);
+        done = true;
+      }
+    });
+    if (done) return;
+  }
+  auto h = ws.matrix(n, r);                                                                      // (n, r)
+  gemm(false, true, n, r, x.cols(), accum_t<T>(1), x.data(), x.stride(), a.data(), a.stride(),  // H = X A^T
+       accum_t<T>(0), h.data(), h.stride());
+  gemm(false, true, n, y.cols(), r, s, h.data(), h.stride(), b.data(), b.stride(), accum_t<T>(1),  // Y += s H B^T
+       y.data(), y.stride());
+}
+
+/// The whole layer on the CUDA fast path: Y = X W^T (cuBLAS) [+ s X A^T B^T
+/// when unmerged, fused] [+ b]. Same result as layer.forward(X, Y, ws) to
+/// rounding; X, Y are device matrices or views; nothing is copied.
+template <class Layer, class X, class Y>
+void forward(const Layer& layer, const X& x, Y&& y, typename Layer::workspace& ws) {
+  using T = typename Layer::scalar;
+  static_assert(std::is_same_v<typename Layer::backend, thrust_backend>,
+                "lora::cuda::forward: the layer must live on thrust_backend (move it with lora::to_device)");
+  const device_matrix_view<const T> xv = view(x);
+  const device_matrix_view<T> yv = view(y);
+  const device_matrix_view<const T> w = view(layer.base_weight());
+  if (xv.cols() != layer.in_features() || yv.rows() != xv.rows() || yv.cols() != layer.out_features())
+    lora::detail::raise<shape_error>("lora::cuda::forward: X is [", xv.rows(), ", ", xv.cols(), "] and Y is [",
+                                     yv.rows(), ", ", yv.cols(), "], expected [n, ", layer.in_features(),
+                                     "] and [n, ", layer.out_features(), "]");
+  if (thrust_backend::overlaps(xv, yv))
+    lora::detail::raise<shape_error>("lora::cuda::forward: X and Y share memory; forward cannot run in place");
+  gemm(false, true, xv.rows(), yv.cols(), xv.cols(), accum_t<T>(1), xv.data(), xv.stride(), w.data(), w.stride(),
+       accum_t<T>(0), yv.data(), yv.stride());  // (n, out) = (n, in) (out, in)^T
+  if (!layer.merged() && layer.delta().scale() != T(0))
+    adapter_forward<Layer::rank_at_compile_time, T>(layer.delta().scale(), xv, view(layer.delta().A()),
+                                                     view(layer.delta().B()), yv, ws);
+  if (layer.has_bias()) thrust_backend::add_to_rows(T(1), layer.bias(), yv);
+}
+
+}  // namespace lora::cuda
