@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../config.hpp"
+#include "arith.hpp"
 
 namespace lora::detail {
 
@@ -38,7 +39,7 @@ namespace lora {
 struct uniform_dist {
   double lo = 0.0, hi = 1.0;
   LORA_HOST_DEVICE double sample(std::uint64_t seed, std::uint64_t stream, std::uint64_t i) const {
-    return lo + (hi - lo) * detail::to_unit(detail::random_bits(seed, stream, i));
+    return lo + detail::mul_unfused(hi - lo, detail::to_unit(detail::random_bits(seed, stream, i)));
   }
 };
 
@@ -50,7 +51,8 @@ struct normal_dist {
     const double u1 = 1.0 - detail::to_unit(detail::random_bits(seed, stream, 2 * i));
     const double u2 = detail::to_unit(detail::random_bits(seed, stream, 2 * i + 1));
     const double pi = 3.14159265358979323846;
-    return mean + stddev * std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * pi * u2);
+    // Unfused: the same bits on every backend and optimisation level.
+    return mean + detail::mul_unfused(stddev * std::sqrt(-2.0 * std::log(u1)), std::cos(2.0 * pi * u2));
   }
 };
 

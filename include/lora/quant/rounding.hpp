@@ -7,21 +7,11 @@
 #pragma once
 
 #include "lora/config.hpp"
+#include "lora/detail/arith.hpp"
 
 namespace lora::detail {
 
 /// a * b rounded to fp32, never fused with a following add.
-LORA_HOST_DEVICE inline float fp32_mul_unfused(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#elif defined(__GNUC__)  // GCC and Clang
-  float p = a * b;
-  __asm__("" : "+r"(p));
-  return p;
-#else
-  volatile float p = a * b;
-  return p;
-#endif
-}
+LORA_HOST_DEVICE inline float fp32_mul_unfused(float a, float b) { return mul_unfused(a, b); }
 
 }  // namespace lora::detail

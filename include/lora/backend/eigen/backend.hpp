@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../../config.hpp"
+#include "../../detail/arith.hpp"
 #include "../../detail/random.hpp"
 #include "../../error.hpp"
 #include "../traits.hpp"
@@ -289,8 +290,9 @@ struct eigen_backend {
     for (index_t t = 0; t < x.rows(); ++t)
       for (index_t i = 0; i < cols; ++i) {
         const bool keep = detail::to_unit(detail::random_bits(seed, stream, static_cast<std::uint64_t>(t * cols + i))) >= p;
-        const T v = keep ? kept * x(t, i) : T(0);
-        y(t, i) = beta == T(0) ? v : beta * y(t, i) + v;
+        // Unfused products: Thrust's functor computes the same bits.
+        const T v = keep ? detail::mul_unfused(kept, T(x(t, i))) : T(0);
+        y(t, i) = beta == T(0) ? v : detail::mul_unfused(beta, T(y(t, i))) + v;
       }
   }
 

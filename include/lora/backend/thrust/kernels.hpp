@@ -233,8 +233,9 @@ struct dropout {
   LORA_HOST_DEVICE void operator()(index_t idx) const {
     const index_t t = idx / x.cols(), i = idx % x.cols();
     const bool keep = detail::to_unit(detail::random_bits(seed, stream, static_cast<std::uint64_t>(idx))) >= p;
-    const T v = keep ? static_cast<T>(kept * x(t, i)) : T(0);
-    y(t, i) = beta == A(0) ? v : static_cast<T>(beta * static_cast<A>(y(t, i)) + static_cast<A>(v));
+    // Unfused products: eigen_backend::dropout computes the same bits.
+    const T v = keep ? static_cast<T>(detail::mul_unfused(static_cast<A>(kept), static_cast<A>(x(t, i)))) : T(0);
+    y(t, i) = beta == A(0) ? v : static_cast<T>(detail::mul_unfused(beta, static_cast<A>(y(t, i))) + static_cast<A>(v));
   }
 };
 
