@@ -63,34 +63,28 @@ void BM_forward_static(benchmark::State& s) {
 }
 
 // merge + unmerge as a pair keeps W unchanged across iterations; each is a
-// rank-r update reading and writing W once: 2 * 2 * out * in * r flops.
-void BM_merge_unmerge(benchmark::State& state) {
+// rank-r update reading and writing W once: 2 out in r flops. safe_merge adds
+// one more update pass (the finiteness check).
+void merge_unmerge(benchmark::State& state, bool safe) {
   const lora::index_t r = state.range(0);
   lora::RowMatrix<float> W = base_weight();
   lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
                             lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
   layer.delta().init(lora::init::uniform_both{0.01}, 2);
   for (auto _ : state) {
-    layer.merge();
+    if (safe)
+      layer.safe_merge();
+    else
+      layer.merge();
     layer.unmerge();
     benchmark::ClobberMemory();
   }
-  set_counters(state, 2 * 2.0 * r * kDim * kDim, 2 * 2 * 4.0 * kDim * kDim);
+  const double passes = safe ? 3 : 2;
+  set_counters(state, passes * 2.0 * r * kDim * kDim, passes * 2 * 4.0 * kDim * kDim);
 }
 
-void BM_safe_merge_unmerge(benchmark::State& state) {
-  const lora::index_t r = state.range(0);
-  lora::RowMatrix<float> W = base_weight();
-  lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
-                            lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
-  layer.delta().init(lora::init::uniform_both{0.01}, 2);
-  for (auto _ : state) {
-    layer.safe_merge();
-    layer.unmerge();
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, 3 * 2.0 * r * kDim * kDim, 3 * 2 * 4.0 * kDim * kDim);
-}
+void BM_merge_unmerge(benchmark::State& s) { merge_unmerge(s, false); }
+void BM_safe_merge_unmerge(benchmark::State& s) { merge_unmerge(s, true); }
 
 template <int R>
 void static_sizes(benchmark::internal::Benchmark* b) {
