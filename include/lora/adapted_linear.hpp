@@ -19,12 +19,14 @@ namespace lora {
 ///
 /// Base is the storage of W: an owned backend matrix, or a view of the caller's
 /// buffer (`Eigen::Map<const RowMatrix<float>>` over PyTorch-layout bytes), held
-/// without copying. merge() / unmerge() / PiSSA need a writable Base.
+/// without copying, or a compressed NF4Matrix (QLoRA: W is decoded inside the
+/// products, see <lora/quant/qlora.hpp>). merge() / unmerge() / PiSSA need a
+/// writable Base.
 ///
 /// forward() is const and safe to call from several threads on one layer: it
 /// only reads W, A, B and allocates the [n, r] intermediate (nothing when the
 /// caller passes a workspace).
-template <Matrix Base, class Delta>
+template <BaseWeight Base, class Delta>
 class AdaptedLinear {
  public:
   using base_type = Base;
@@ -34,15 +36,16 @@ class AdaptedLinear {
   using bias_type = typename backend::template vector<scalar>;
   using workspace = typename backend::template workspace<scalar>;
 
-  static constexpr int in_at_compile_time = matrix_traits<Base>::cols;
-  static constexpr int out_at_compile_time = matrix_traits<Base>::rows;
+  static constexpr int in_at_compile_time = weight_traits<Base>::cols;
+  static constexpr int out_at_compile_time = weight_traits<Base>::rows;
   static constexpr int rank_at_compile_time = Delta::rank_at_compile_time;
-  static constexpr bool base_is_writable = matrix_traits<Base>::writable;
+  static constexpr bool base_is_writable = weight_traits<Base>::writable;
+  static constexpr bool base_is_quantized = QuantizedMatrix<Base>;
 
-  static_assert(std::is_same_v<scalar_of_t<Base>, scalar>,
+  static_assert(std::is_same_v<typename weight_traits<Base>::scalar, scalar>,
                 "lora::AdaptedLinear: the base weight and the delta have different scalar types; "
                 "use the same T for both (e.g. RowMatrix<float> with LowRankDelta<float, R>)");
-  static_assert(std::is_same_v<backend_of_t<Base>, backend>,
+  static_assert(std::is_same_v<typename weight_traits<Base>::backend, backend>,
                 "lora::AdaptedLinear: the base weight lives on a different backend than the delta; "
                 "move one of them explicitly (see docs/design.md, 'Backends')");
   static_assert(rank_at_compile_time == dynamic || in_at_compile_time == dynamic ||
@@ -83,7 +86,7 @@ class AdaptedLinear {
 
   // ---- the expressions ----------------------------------------------------------
   /// W alone: the merged layer's effective weight.
-  auto base_expression() const { return expr::leaf(w_); }
+  auto base_expression() const { return expr::base_leaf(w_); }
   /// W + s B A with the delta's current scale: the unmerged effective weight.
   auto unmerged_expression() const { return base_expression() + delta_.expression(); }
   /// The effective weight as a lazy expression, whatever the state. When merged,
@@ -169,7 +172,11 @@ class AdaptedLinear {
 
  private:
   static void require_writable() {
-    static_assert(base_is_writable,
+    static_assert(base_is_writable || !base_is_quantized,
+                  "lora::AdaptedLinear: merge()/unmerge()/safe_merge() cannot add into a compressed (NF4) "
+                  "base in place; use lora::merged_weight(layer) for a dense merged W, or "
+                  "lora::merge_to_nf4(layer) to requantise W + s*B*A with an error report");
+    static_assert(base_is_writable || base_is_quantized,
                   "lora::AdaptedLinear: merge()/unmerge()/safe_merge() write W, but the base weight is "
                   "read-only (e.g. Eigen::Map<const RowMatrix<T>>); wrap the buffer in a writable "
                   "Eigen::Map<RowMatrix<T>> or let the layer own a copy");

@@ -1,7 +1,8 @@
 // lora.hpp: the umbrella header of the CPU library (Eigen backend).
 //   #include <lora/lora.hpp>
 // brings LowRankDelta, AdaptedLinear, the expression nodes and evaluators, and
-// the initialisation strategies. The Thrust backend is <lora/thrust.hpp>.
+// the initialisation strategies, QLoRA (AdaptedLinear over an NF4Matrix) and
+// lora::train. The Thrust backend is <lora/thrust.hpp>.
 #pragma once
 
 #ifndef LORA_UMBRELLA_INCLUDED
@@ -17,6 +18,7 @@
 #include "expr/evaluate.hpp"
 #include "low_rank_delta.hpp"
 #include "adapted_linear.hpp"
+#include "quant/qlora.hpp"
 #include "init.hpp"
 #include "train/dropout.hpp"
 #include "train/gradients.hpp"

@@ -34,6 +34,39 @@ using scalar_of_t = typename matrix_traits_t<M>::scalar;
 template <class M>
 using backend_of_t = typename matrix_traits_t<M>::backend;
 
+/// Specialised for frozen base weights stored in a compressed format (NF4): a
+/// base an AdaptedLinear can hold but that no backend reads as a plain matrix.
+/// Members: scalar, backend, rows, cols (compile-time or dynamic), and the three
+/// products the `expr::dequantized` evaluator calls over rows [r0, r0 + nr):
+///   gemm_nt(q, r0, nr, alpha, X, beta, Y)   Y  = beta Y  + alpha X W[r0:]^T
+///   gemm_nn(q, r0, nr, alpha, G, beta, dX)  dX = beta dX + alpha G W[r0:]
+///   assign(q, r0, nr, alpha, beta, D)       D  = beta D  + alpha W[r0:]
+/// each decoding W on the fly, never holding all of it in full precision.
+template <class Q, class Enable = void>
+struct quantized_traits {
+  static constexpr bool known = false;
+};
+
+template <class Q>
+using quantized_traits_t = quantized_traits<std::remove_cvref_t<Q>>;
+
+/// A compressed frozen weight (see quantized_traits).
+template <class Q>
+concept QuantizedMatrix = requires { quantized_traits_t<Q>::known; } && quantized_traits_t<Q>::known;
+
+/// What AdaptedLinear accepts as its base weight W.
+template <class W>
+concept BaseWeight = Matrix<W> || QuantizedMatrix<W>;
+
+/// The traits of a base weight, plain or compressed; a compressed one is never
+/// writable (merge() cannot add into it in place).
+template <class W>
+struct weight_traits : matrix_traits_t<W> {};
+template <QuantizedMatrix W>
+struct weight_traits<W> : quantized_traits_t<W> {
+  static constexpr bool writable = false;
+};
+
 /// Compile-time extents agree when either is dynamic or both are equal.
 constexpr bool extents_agree(int a, int b) { return a == dynamic || b == dynamic || a == b; }
 

@@ -108,6 +108,29 @@ struct evaluator<dense<M>> {
   }
 };
 
+template <class Q>
+struct evaluator<dequantized<Q>> {
+  using node = dequantized<Q>;
+  using traits = typename node::traits;
+  using T = typename node::scalar;
+
+  template <class X, class Y, class WS>
+  static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS&) {
+    traits::gemm_nt(e.q, e.row0, e.nrows, alpha, x, beta, y);  // (n, rows) = (n, in) W[rows]^T
+  }
+  template <class G, class DX, class WS>
+  static void apply_transposed(const node& e, const G& g, DX& dx, T alpha, T beta, WS&) {
+    traits::gemm_nn(e.q, e.row0, e.nrows, alpha, g, beta, dx);  // (n, in) = (n, rows) W[rows]
+  }
+  template <class D>
+  static void assign(D& dst, const node& e, T alpha, T beta) {
+    traits::assign(e.q, e.row0, e.nrows, alpha, beta, dst);
+  }
+  static auto slice_rows(const node& e, index_t start, index_t count) {
+    return node{{}, e.q, e.row0 + start, count};
+  }
+};
+
 template <class BM, class AM>
 struct evaluator<low_rank<BM, AM>> {
   using node = low_rank<BM, AM>;

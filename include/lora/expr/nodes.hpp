@@ -44,6 +44,25 @@ struct dense : node_base {
   index_t cols() const { return m.cols(); }
 };
 
+/// A compressed base weight (an NF4Matrix), rows [row0, row0 + nrows): QLoRA's
+/// frozen W. Held by reference; evaluated by quantized_traits<Q>'s fused
+/// products, so W is decoded inside them and never materialised.
+template <class Q>
+struct dequantized : node_base {
+  using traits = quantized_traits<Q>;
+  using scalar = typename traits::scalar;
+  using backend = typename traits::backend;
+  static constexpr int rows_at_compile_time = dynamic;  // a slice has fewer rows
+  static constexpr int cols_at_compile_time = traits::cols;
+
+  const Q& q;
+  index_t row0 = 0;
+  index_t nrows = 0;
+
+  index_t rows() const { return nrows; }
+  index_t cols() const { return q.cols(); }
+};
+
 /// The product B A of a rank-r pair, B [out, r], A [r, in]. Never formed by
 /// apply(); only assign() (merge) multiplies B by A.
 template <class BM, class AM>
@@ -123,6 +142,16 @@ struct sum : node_base {
 template <Matrix M>
 auto leaf(M&& m) {
   return dense<leaf_storage_t<M&&>>{{}, std::forward<M>(m)};
+}
+
+/// The leaf of a base weight: `dense` over a matrix, `dequantized` over a
+/// compressed one.
+template <BaseWeight W>
+auto base_leaf(const W& w) {
+  if constexpr (QuantizedMatrix<W>)
+    return dequantized<W>{{}, w, 0, w.rows()};
+  else
+    return leaf(w);
 }
 
 /// The product B A of a rank-r pair (B [out, r], A [r, in]).

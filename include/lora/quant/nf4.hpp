@@ -724,6 +724,100 @@ inline float* scratch(std::vector<float>& buf, index_t n) {
 
 }  // namespace detail::nf4k
 
+namespace detail::nf4k {
+
+// The kernels work on rows [r0, r0 + nr) of W, so expression slices (the
+// QLoRA node's slice_rows) reuse them; the public functions pass all rows.
+
+inline void gemv_rows(const NF4Matrix& W, index_t r0, index_t nr, const float* x, float* y, float alpha,
+                      float beta) {
+  [[maybe_unused]] const index_t in = W.cols();
+  [[maybe_unused]] const bool parallel = nr * in >= LORA_NF4_PARALLEL_MIN_ELEMENTS;
+  const index_t r_end = r0 + nr;
+  const auto finish = [&](index_t r, float acc) {
+    float& out = y[r - r0];
+    out = beta == 0.0f ? alpha * acc : alpha * acc + beta * out;
+  };
+#if LORA_NF4_AVX512
+  if (in % 64 == 0 && W.block_size() % 64 == 0 && cpu_has_avx512()) {
+    thread_local std::vector<float> xbuf;
+    float* xp = scratch(xbuf, in);
+    permute_x64(x, in, xp);
+    LORA_NF4_OMP_FOR_IF(parallel)
+    for (index_t r = r0; r < r_end; ++r) {
+      thread_local std::vector<float> sbuf;
+      float* scales = scratch(sbuf, in / nf4::min_block_size + 2);
+      finish(r, row_dot_avx512(W, r, xp, scales));
+    }
+    return;
+  }
+#endif
+  // Generic path (any shape; and every shape without AVX-512): tile decode + dot.
+  LORA_NF4_OMP_FOR_IF(parallel)
+  for (index_t r = r0; r < r_end; ++r) {
+    thread_local std::vector<float> tbuf;
+    float* tile = scratch(tbuf, 256);
+    finish(r, row_dot_generic(W, r, x, tile));
+  }
+}
+
+using dense_ref = Eigen::Ref<NF4Matrix::dense_matrix>;
+using const_dense_ref = Eigen::Ref<const NF4Matrix::dense_matrix>;
+
+// Y [n, nr] = beta Y + alpha X W[r0:r0+nr]^T.
+inline void gemm_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_dense_ref& X, dense_ref Y,
+                      float alpha, float beta) {
+  const index_t n = X.rows();
+  const index_t in = W.cols();
+  if (n == 0 || nr == 0) return;
+  if (n == 1) {
+    gemv_rows(W, r0, nr, X.data(), Y.data(), alpha, beta);
+    return;
+  }
+  if (beta == 0.0f)
+    Y.setZero();
+  else if (beta != 1.0f)
+    Y *= beta;
+  if (in == 0) return;
+  // Each tile's product repacks X, so larger batches take 4x taller tiles (a 4 MiB
+  // tile, out of L2 but still cheaper than repacking a large X 4x as often).
+  const index_t tile_floats = n > 32 ? 4 * LORA_NF4_GEMM_TILE_FLOATS : LORA_NF4_GEMM_TILE_FLOATS;
+  const index_t tile_rows = std::clamp<index_t>(tile_floats / in, 16, 4096);
+  const index_t tiles = (nr + tile_rows - 1) / tile_rows;
+  LORA_NF4_OMP_FOR_IF(tiles > 1 && nr * in >= LORA_NF4_PARALLEL_MIN_ELEMENTS)
+  for (index_t t = 0; t < tiles; ++t) {
+    thread_local std::vector<float> tbuf;
+    const index_t off = t * tile_rows;
+    const index_t tr = std::min(tile_rows, nr - off);
+    float* tile = scratch(tbuf, tr * in);
+    W.dequantize_rows(r0 + off, tr, tile);
+    const Eigen::Map<const NF4Matrix::dense_matrix> Wt(tile, tr, in);  // (tr, in)
+    Y.middleCols(off, tr).noalias() += alpha * X * Wt.transpose();     // (n, tr)
+  }
+}
+
+// dX [n, in] = beta dX + alpha G W[r0:r0+nr], G [n, nr].
+inline void gemm_transposed_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_dense_ref& G,
+                                 dense_ref dX, float alpha, float beta) {
+  if (beta == 0.0f)
+    dX.setZero();
+  else if (beta != 1.0f)
+    dX *= beta;
+  const index_t in = W.cols();
+  if (G.rows() == 0 || nr == 0 || in == 0) return;
+  const index_t tile_rows = std::clamp<index_t>(LORA_NF4_GEMM_TILE_FLOATS / in, 16, 1024);
+  thread_local std::vector<float> tbuf;
+  float* tile = scratch(tbuf, std::min(tile_rows, nr) * in);
+  for (index_t off = 0; off < nr; off += tile_rows) {
+    const index_t tr = std::min(tile_rows, nr - off);
+    W.dequantize_rows(r0 + off, tr, tile);
+    const Eigen::Map<const NF4Matrix::dense_matrix> Wt(tile, tr, in);  // (tr, in)
+    dX.noalias() += alpha * G.middleCols(off, tr) * Wt;                // (n, in)
+  }
+}
+
+}  // namespace detail::nf4k
+
 /// y = beta * y + alpha * W x for one token: W [out, in] in NF4, x [in], y [out].
 /// W is decoded block by block inside the dot products and never materialised.
 /// beta == 0 overwrites y without reading it (BLAS convention). Rows run in
@@ -734,33 +828,7 @@ inline void nf4_gemv(const NF4Matrix& W, std::span<const float> x, std::span<flo
     lora::detail::raise<shape_error>("nf4_gemv: x has ", x.size(), " elements, expected W.cols() = ", W.cols());
   if (static_cast<index_t>(y.size()) != W.rows())
     lora::detail::raise<shape_error>("nf4_gemv: y has ", y.size(), " elements, expected W.rows() = ", W.rows());
-  const index_t out = W.rows();
-  [[maybe_unused]] const index_t in = W.cols();
-  [[maybe_unused]] const bool parallel = W.size() >= LORA_NF4_PARALLEL_MIN_ELEMENTS;
-  const auto finish = [&](index_t r, float acc) {
-    y[std::size_t(r)] = beta == 0.0f ? alpha * acc : alpha * acc + beta * y[std::size_t(r)];
-  };
-#if LORA_NF4_AVX512
-  if (in % 64 == 0 && W.block_size() % 64 == 0 && detail::nf4k::cpu_has_avx512()) {
-    thread_local std::vector<float> xbuf;
-    float* xp = detail::nf4k::scratch(xbuf, in);
-    detail::nf4k::permute_x64(x.data(), in, xp);
-    LORA_NF4_OMP_FOR_IF(parallel)
-    for (index_t r = 0; r < out; ++r) {
-      thread_local std::vector<float> sbuf;
-      float* scales = detail::nf4k::scratch(sbuf, in / nf4::min_block_size + 2);
-      finish(r, detail::nf4k::row_dot_avx512(W, r, xp, scales));
-    }
-    return;
-  }
-#endif
-  // Generic path (any shape; and every shape without AVX-512): tile decode + dot.
-  LORA_NF4_OMP_FOR_IF(parallel)
-  for (index_t r = 0; r < out; ++r) {
-    thread_local std::vector<float> tbuf;
-    float* tile = detail::nf4k::scratch(tbuf, 256);
-    finish(r, detail::nf4k::row_dot_generic(W, r, x.data(), tile));
-  }
+  detail::nf4k::gemv_rows(W, 0, W.rows(), x.data(), y.data(), alpha, beta);
 }
 
 /// Eigen vectors: y = beta * y + alpha * W x.
@@ -781,35 +849,7 @@ inline void nf4_gemm(const NF4Matrix& W, const Eigen::Ref<const NF4Matrix::dense
   if (Y.rows() != X.rows() || Y.cols() != W.rows())
     lora::detail::raise<shape_error>("nf4_gemm: Y is ", Y.rows(), " x ", Y.cols(), ", expected ", X.rows(),
                                      " x ", W.rows(), " (X.rows() x W.rows())");
-  const index_t n = X.rows();
-  const index_t out = W.rows();
-  const index_t in = W.cols();
-  if (n == 0 || out == 0) return;
-  if (n == 1) {
-    nf4_gemv(W, std::span<const float>(X.data(), std::size_t(in)), std::span<float>(Y.data(), std::size_t(out)),
-             alpha, beta);
-    return;
-  }
-  if (beta == 0.0f)
-    Y.setZero();
-  else if (beta != 1.0f)
-    Y *= beta;
-  if (in == 0) return;
-  // Each tile's product repacks X, so larger batches take 4x taller tiles (a 4 MiB
-  // tile, out of L2 but still cheaper than repacking a large X 4x as often).
-  const index_t tile_floats = n > 32 ? 4 * LORA_NF4_GEMM_TILE_FLOATS : LORA_NF4_GEMM_TILE_FLOATS;
-  const index_t tile_rows = std::clamp<index_t>(tile_floats / in, 16, 4096);
-  const index_t tiles = (out + tile_rows - 1) / tile_rows;
-  LORA_NF4_OMP_FOR_IF(tiles > 1 && W.size() >= LORA_NF4_PARALLEL_MIN_ELEMENTS)
-  for (index_t t = 0; t < tiles; ++t) {
-    thread_local std::vector<float> tbuf;
-    const index_t r0 = t * tile_rows;
-    const index_t tr = std::min(tile_rows, out - r0);
-    float* tile = detail::nf4k::scratch(tbuf, tr * in);
-    W.dequantize_rows(r0, tr, tile);
-    const Eigen::Map<const NF4Matrix::dense_matrix> Wt(tile, tr, in);  // (tr, in)
-    Y.middleCols(r0, tr).noalias() += alpha * X * Wt.transpose();      // (n, tr)
-  }
+  detail::nf4k::gemm_rows(W, 0, W.rows(), X, Y, alpha, beta);
 }
 
 /// dX = beta * dX + alpha * G W, the product the backward pass needs through a
@@ -824,22 +864,7 @@ inline void nf4_gemm_transposed(const NF4Matrix& W, const Eigen::Ref<const NF4Ma
   if (dX.rows() != G.rows() || dX.cols() != W.cols())
     lora::detail::raise<shape_error>("nf4_gemm_transposed: dX is ", dX.rows(), " x ", dX.cols(), ", expected ",
                                      G.rows(), " x ", W.cols(), " (G.rows() x W.cols())");
-  if (beta == 0.0f)
-    dX.setZero();
-  else if (beta != 1.0f)
-    dX *= beta;
-  const index_t out = W.rows();
-  const index_t in = W.cols();
-  if (G.rows() == 0 || out == 0 || in == 0) return;
-  const index_t tile_rows = std::clamp<index_t>(LORA_NF4_GEMM_TILE_FLOATS / in, 16, 1024);
-  thread_local std::vector<float> tbuf;
-  float* tile = detail::nf4k::scratch(tbuf, std::min(tile_rows, out) * in);
-  for (index_t r0 = 0; r0 < out; r0 += tile_rows) {
-    const index_t tr = std::min(tile_rows, out - r0);
-    W.dequantize_rows(r0, tr, tile);
-    const Eigen::Map<const NF4Matrix::dense_matrix> Wt(tile, tr, in);  // (tr, in)
-    dX.noalias() += alpha * G.middleCols(r0, tr) * Wt;                 // (n, in)
-  }
+  detail::nf4k::gemm_transposed_rows(W, 0, W.rows(), G, dX, alpha, beta);
 }
 
 }  // namespace lora

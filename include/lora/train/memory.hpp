@@ -145,11 +145,16 @@ layer_shape shape_of(const Layer& layer, bool train_bias = false) {
   return {layer.out_features(), layer.in_features(), layer.rank(), layer.has_bias(), train_bias && layer.has_bias()};
 }
 
-/// One real layer.
+/// One real layer. A compressed (NF4) base counts its exact storage bytes
+/// (codes and scales) instead of `precision.frozen` per weight.
 template <class Layer>
   requires requires(const Layer& l) { l.delta().rank(); }
 memory_report memory_usage(const Layer& layer, const memory_options& o = {}, bool train_bias = false) {
-  return memory_usage(shape_of(layer, train_bias), o);
+  memory_report r = memory_usage(shape_of(layer, train_bias), o);
+  if constexpr (Layer::base_is_quantized)
+    r.frozen_bytes += double(layer.base_weight().storage_bytes()) -
+                      double(layer.out_features()) * double(layer.in_features()) * o.bytes.frozen;
+  return r;
 }
 
 }  // namespace lora::train
