@@ -2,7 +2,8 @@
 // CPU threads through Thrust's OMP / CPP device systems).
 //   #include <lora/thrust.hpp>
 // brings everything of <lora/lora.hpp> plus thrust_backend, device_matrix and
-// its views, and the to_device / to_host transfers. Compiled by nvcc with the
+// its views, the to_device / to_host transfers, and device_nf4_matrix (QLoRA's
+// NF4 base on the device). Compiled by nvcc with the
 // CUDA system it also brings lora::cuda (cuBLAS, the fused LoRA kernel,
 // streams). Choose the system with THRUST_DEVICE_SYSTEM (CMake:
 // LORA_THRUST_DEVICE_SYSTEM and the lora::thrust target); see docs/gpu.md.
@@ -18,6 +19,7 @@
 #include "backend/thrust/kernels.hpp"
 #include "backend/thrust/backend.hpp"
 #include "backend/thrust/transfer.hpp"
+#include "backend/thrust/nf4.hpp"
 
 #if LORA_THRUST_ON_CUDA
 #include "backend/cuda/fused.hpp"
