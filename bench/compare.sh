@@ -1,52 +1,89 @@
 #!/usr/bin/env bash
-# Side by side, in one run: this machine's limits, lora's forward/merge cases and
-# PyTorch's loralib-style cases, with the same thread count; then one ratio table.
+# Side by side, in one run: this machine's limits, lora's forward / merge /
+# training-step cases and PyTorch's loralib-style cases, with the same thread
+# count; then one table with each case's percentage of its limit, the ratios
+# against PyTorch and the issue-5 targets (bench/compare_report.py).
+#
+# The run is R rounds (default 3); every round runs every program once, in the
+# same order, and the report keeps each case's best round, so the two sides of
+# every ratio saw the same stretch of machine time.
+#
+# Limits: bench_limits (STREAM-like read from DRAM and from L3 with a 64 MiB
+# buffer, the size of the n = 1 W; in-place update of 64 MiB, merge()'s traffic;
+# peak SGEMM), plus bench_limits_openblas / bench_limits_blis when the build has
+# them (cmake -DLORA_BENCH_BLAS=ON: Eigen with EIGEN_USE_BLAS). OpenBLAS runs
+# with the environment as given and, when OPENBLAS_CORETYPE is unset, also with
+# OPENBLAS_CORETYPE=$LORA_BENCH_OPENBLAS_CORE (default SkylakeX: 0.3.21
+# misdetects newer Xeons as Prescott); lora's n = 256 forward is also run through
+# bench_forward_openblas that way.
+#
 # PyTorch runs with the environment as given and, in this command only, with
 # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset.
-# Usage: bench/compare.sh [threads=2] [build=build/release]   (needs python3-torch)
+#
+# Usage: bench/compare.sh [threads=2] [build=build/release]
+# Environment:
+#   LORA_TORCH_PYTHON  interpreter with torch (default: build/torch-venv/bin/python
+#                      if present, made by bench/setup-torch.sh; else /usr/bin/python3)
+#   LORA_BENCH_OUT     where the JSON files go (default: build/bench-compare)
+#   LORA_BENCH_ROUNDS  rounds (default 3)
+#   LORA_BENCH_SWEEP   1: also the n and r sweeps, both sides (input of bench/plot.sh)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 threads=${1:-2}
 build=${2:-$root/build/release}
-py=${PYTHON:-/usr/bin/python3}
-out=$(mktemp -d)
+bin=$build/bench
+if [[ -n "${LORA_TORCH_PYTHON:-}" ]]; then
+  py=$LORA_TORCH_PYTHON
+elif [[ -x "$root/build/torch-venv/bin/python" ]]; then
+  py=$root/build/torch-venv/bin/python
+else
+  py=/usr/bin/python3
+fi
+out=${LORA_BENCH_OUT:-$root/build/bench-compare}
+rounds=${LORA_BENCH_ROUNDS:-3}
+sweep=${LORA_BENCH_SWEEP:-0}
+core=${LORA_BENCH_OPENBLAS_CORE:-SkylakeX}
+mkdir -p "$out"
+rm -f "$out"/*.json
 export OMP_NUM_THREADS=$threads
 
-"$build/bench/bench_limits" --benchmark_format=json --benchmark_min_time=0.5 > "$out/limits.json"
-"$build/bench/bench_forward" --benchmark_format=json --benchmark_min_time=0.3 \
-  --benchmark_filter='BM_forward_(un)?merged|BM_merge_unmerge' > "$out/lora.json"
-"$py" "$root/bench/compare_torch.py" --threads "$threads" > "$out/torch_env.json"
-env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$py" "$root/bench/compare_torch.py" --threads "$threads" \
-  > "$out/torch_unset.json"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cpus"
+  echo "threads: $threads"
+  echo "torch python: $py"
+  echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE-<unset>} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE-<unset>}"
+} > "$out/env.txt"
+cat "$out/env.txt"
 
-python3 - "$out" "$threads" <<'PY'
-import json, re, sys
-out, threads = sys.argv[1], sys.argv[2]
-def gb(path):
-    data = json.load(open(path))
-    unit = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {re.sub(r"^BM_|/real_time$", "", b["name"]): (b["real_time"] * unit[b["time_unit"]], b)
-            for b in data["benchmarks"]}
-limits, lora = gb(f"{out}/limits.json"), gb(f"{out}/lora.json")
-t_env = json.load(open(f"{out}/torch_env.json"))
-t_uns = json.load(open(f"{out}/torch_unset.json"))
-read_gbs = limits["stream_read"][1]["GB/s"] / 1e9
-rw_gbs = limits["stream_scale"][1]["GB/s"] / 1e9
-peak = max(limits[k][1]["GFLOP/s"] for k in limits if k.startswith("sgemm_peak")) / 1e9
-d = 4096
-print(f"threads {threads}; torch {t_env['torch_version']}; read {read_gbs:.1f} GB/s, read+write {rw_gbs:.1f} GB/s, "
-      f"peak SGEMM {peak:.0f} GFLOP/s\n")
-print("| case | lora ms | % of limit | torch ms (env) | torch ms (OPENBLAS_* unset) | torch / lora (env) | torch / lora (unset) |")
-print("|---|---|---|---|---|---|---|")
-for key, (ms, b) in lora.items():
-    tkey = key
-    if key.startswith("merge_unmerge"):
-        r = int(key.split(":")[1]); limit = 2 * max(8.0 * d * d / (rw_gbs * 1e9), 2.0 * r * d * d / (peak * 1e9)) * 1e3
-    else:
-        m = re.match(r"forward_(\w+)/r:(\d+)/n:(\d+)", key); n = int(m.group(3))
-        limit = max(4.0 * d * d / (read_gbs * 1e9), 2.0 * n * d * d / (peak * 1e9)) * 1e3
-    te, tu = t_env["cases"].get(tkey), t_uns["cases"].get(tkey)
-    if te is None:
-        continue
-    print(f"| {key} | {ms:.3f} | {100 * limit / ms:.0f}% | {te:.3f} | {tu:.3f} | {te / ms:.2f} | {tu / ms:.2f} |")
-PY
+gb() { "$@" --benchmark_format=json --benchmark_min_time=0.2 2> /dev/null; }
+fwd_filter='BM_forward_(un)?merged|BM_merge_unmerge'
+[[ $sweep == 1 ]] && fwd_filter="$fwd_filter|BM_sweep_|BM_rsweep_"
+sweep_arg=()
+[[ $sweep == 1 ]] && sweep_arg=(--sweep)
+
+for ((k = 1; k <= rounds; ++k)); do
+  echo "round $k/$rounds" >&2
+  gb "$bin/bench_limits" > "$out/limits.eigen.$k.json"
+  if [[ -x "$bin/bench_limits_openblas" ]]; then
+    gb "$bin/bench_limits_openblas" --benchmark_filter=sgemm > "$out/limits.openblas.$k.json"
+    if [[ -z "${OPENBLAS_CORETYPE:-}" ]]; then
+      OPENBLAS_CORETYPE=$core gb "$bin/bench_limits_openblas" --benchmark_filter=sgemm \
+        > "$out/limits.openblas-$core.$k.json"
+    fi
+  fi
+  if [[ -x "$bin/bench_limits_blis" ]]; then
+    gb "$bin/bench_limits_blis" --benchmark_filter=sgemm > "$out/limits.blis.$k.json"
+  fi
+  gb "$bin/bench_forward" --benchmark_filter="$fwd_filter" > "$out/lora.$k.json"
+  if [[ -x "$bin/bench_forward_openblas" ]]; then  # lora's large-n forward with Eigen's GEMM handed to OpenBLAS
+    OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core} gb "$bin/bench_forward_openblas" \
+      --benchmark_filter='BM_forward_(un)?merged/r:8/n:256' > "$out/lora_openblas.$k.json"
+  fi
+  gb "$bin/bench_train" > "$out/train.$k.json"
+  "$py" "$root/bench/compare_torch.py" --threads "$threads" "${sweep_arg[@]}" > "$out/torch_env.$k.json"
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$py" "$root/bench/compare_torch.py" --threads "$threads" \
+    > "$out/torch_unset.$k.json"
+done
+
+python3 "$root/bench/compare_report.py" "$out"

@@ -7,8 +7,14 @@ thread count. Prints JSON {case: milliseconds} (best of several runs).
   merged:  F.linear(x, W)
   merge:   W += (B @ A) * s, then W -= (B @ A) * s       (loralib's train()/eval() merge)
 
-Usage: compare_torch.py --threads 2 [--dim 4096] > torch.json
-Needs torch (Debian's python3-torch is enough: run with /usr/bin/python3).
+  sweeps (--sweep): the same as bench_forward's BM_sweep_* (r = 8, n = 1..256)
+  and BM_rsweep_* (n = 1, 16, r = 1..128), for bench/plot.sh.
+  sgemm: torch.mm on 4096^2 and the n = 256 forward shape (torch's own BLAS,
+  MKL in PyPI's wheels), reported next to the limits bench_limits measures.
+
+Usage: compare_torch.py --threads 2 [--dim 4096] [--sweep] > torch.json
+Needs torch: bench/setup-torch.sh puts PyPI's wheel in build/torch-venv
+(Debian's python3-torch 1.13 runs, but its GEMM is far slower on this machine).
 """
 import argparse
 import json
@@ -34,13 +40,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--sweep", action="store_true", help="also the n and r sweeps for the plots")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d = args.dim
     W = torch.rand(d, d) * 2 - 1
-    out = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "cases": {}}
+    blas = "mkl" if torch.backends.mkl.is_available() else "other"
+    out = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "blas": blas, "cases": {}}
     cases = out["cases"]
+    with torch.no_grad():
+        a, b = torch.rand(d, d), torch.rand(d, d)
+        cases[f"sgemm_peak/d:{d}"] = best_ms(lambda: torch.mm(a, b), max_reps=5)
+        x = torch.rand(256, d)
+        cases["sgemm_forward_shape/n:256"] = best_ms(lambda: F.linear(x, W))
+        del a, b
     with torch.no_grad():
         for r in (1, 8, 64):
             A = (torch.rand(r, d) * 2 - 1) * 0.01
@@ -56,6 +70,21 @@ def main():
                 W.sub_((B @ A) * s)
 
             cases[f"merge_unmerge/r:{r}"] = best_ms(merge_unmerge)
+
+    if args.sweep:
+        with torch.no_grad():
+            def pair(prefix, r, n):
+                A = (torch.rand(r, d) * 2 - 1) * 0.01
+                B = (torch.rand(d, r) * 2 - 1) * 0.01
+                x = torch.rand(n, d) * 2 - 1
+                cases[f"{prefix}_merged/r:{r}/n:{n}"] = best_ms(lambda: F.linear(x, W))
+                cases[f"{prefix}_unmerged/r:{r}/n:{n}"] = best_ms(lambda: F.linear(x, W) + (x @ A.T @ B.T) * 2.0)
+
+            for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                pair("sweep", 8, n)
+            for n in (1, 16):
+                for r in (1, 2, 4, 8, 16, 32, 64, 128):
+                    pair("rsweep", r, n)
 
     # Training step: forward, then backward for A, B and x (W frozen).
     for r in (8, 64):

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""The report of bench/compare.sh: reads the JSON files of one run (every round
+of every program), keeps each case's best round (fastest time, highest
+bandwidth / GFLOP/s: noise on a shared machine only ever slows a case down),
+and prints markdown tables: the machine's limits, lora's cases as a percentage
+of their limit, PyTorch's times and the ratios, and each issue-5 target with
+met / not met. Also writes sweep_n.csv and sweep_r.csv for bench/plot.sh when
+the run has the sweeps. Standard library only.
+
+Usage: bench/compare_report.py build/bench-compare
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+D = 4096
+UNIT = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def gbench(paths):
+    """{case: (best ms, counters of that run)}; case without BM_ and /real_time."""
+    best = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data.get("benchmarks", []):
+            if b.get("run_type") == "aggregate":
+                continue
+            name = re.sub(r"^BM_|/(real|manual)_time$", "", b["name"])
+            ms = b["real_time"] * UNIT[b["time_unit"]]
+            if name not in best or ms < best[name][0]:
+                best[name] = (ms, b)
+    return best
+
+
+def torch_runs(paths):
+    best, meta = {}, {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        meta = {k: v for k, v in data.items() if k != "cases"}
+        for k, ms in data["cases"].items():
+            best[k] = min(ms, best.get(k, ms))
+    return best, meta
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    out = sys.argv[1]
+    files = lambda pattern: sorted(glob.glob(os.path.join(out, pattern)))
+    env = open(os.path.join(out, "env.txt")).read().strip()
+    print("```\n" + env + "\n```\n")
+
+    # ---- limits -------------------------------------------------------------
+    eigen_limits = gbench(files("limits.eigen.*.json"))
+    gbs = lambda key: max(b["GB/s"] for k, (ms, b) in eigen_limits.items() if k.startswith(key)) / 1e9
+    l3_read, l3_update = gbs("l3_read"), gbs("l3_update")
+    dram_read, dram_scale = gbs("dram_read"), gbs("dram_scale")
+    libs = {}
+    for path in files("limits.*.json"):
+        lib = os.path.basename(path).split(".")[1]
+        libs.setdefault(lib, []).append(path)
+    gemm = {}
+    for lib, paths in libs.items():
+        runs = gbench(paths)
+        peak = max((b["GFLOP/s"] for k, (ms, b) in runs.items() if k.startswith("sgemm_peak")), default=0) / 1e9
+        shape = max((b["GFLOP/s"] for k, (ms, b) in runs.items() if k.startswith("sgemm_forward_shape")),
+                    default=0) / 1e9
+        gemm[lib] = (peak, shape)
+    t_env, meta = torch_runs(files("torch_env.*.json"))
+    t_uns, _ = torch_runs(files("torch_unset.*.json"))
+    if f"sgemm_peak/d:{D}" in t_env:
+        gemm[f"torch {meta.get('torch_version', '?')} ({meta.get('blas', '?')}, not through Eigen)"] = (
+            2.0 * D**3 / (t_env[f"sgemm_peak/d:{D}"] * 1e6),
+            2.0 * 256 * D * D / (t_env["sgemm_forward_shape/n:256"] * 1e6))
+    eigen_linkable = {k: v for k, v in gemm.items() if not k.startswith("torch")}
+    best_lib = max(eigen_linkable, key=lambda k: eigen_linkable[k][0])
+    peak = eigen_linkable[best_lib][0]
+
+    print("### Limits (best of the rounds)\n")
+    print("| limit | measured |\n|---|---|")
+    print(f"| DRAM read (sum over 1 GiB) | {dram_read:.1f} GB/s |")
+    print(f"| DRAM read + write (scale, 2 x 1 GiB) | {dram_scale:.1f} GB/s |")
+    print(f"| L3 read (sum over 64 MiB = one 4096^2 fp32 W) | {l3_read:.1f} GB/s |")
+    print(f"| L3 read + write (in-place update of 64 MiB, merge's traffic) | {l3_update:.1f} GB/s |")
+    for lib, (p, s) in gemm.items():
+        mark = " **(best through Eigen: the peak below)**" if lib == best_lib else ""
+        print(f"| SGEMM {lib}: 2048^3 / 4096^3 best; 256 x 4096 x 4096 | {p:.0f} GFLOP/s; {s:.0f} GFLOP/s{mark} |")
+    print()
+
+    lora = gbench(files("lora.*.json"))
+    lora_blas = gbench(files("lora_openblas.*.json"))
+    train = gbench(files("train.*.json"))
+
+    def limit_ms(n, r=0):
+        mem = 4.0 * (D * D + 2 * r * D) / (l3_read * 1e9) * 1e3
+        flops = 2.0 * n * D * D / (peak * 1e9) * 1e3
+        return max(mem, flops), mem, flops
+
+    # ---- forward --------------------------------------------------------------
+    print("### Forward, in = out = 4096 (lora ms; limit = max(W bytes / L3 read, flops / peak SGEMM))\n")
+    print("| r | n | merged ms | unmerged ms | unmerged / merged | target | met | unmerged % of limit "
+          "| torch unmerged ms (env) | torch / lora (env) | torch target | met | torch ms (OPENBLAS_* unset) "
+          "| torch / lora (unset) |")
+    print("|" + "---|" * 14)
+    for r in (1, 8, 64):
+        for n in (1, 16, 256):
+            m, u = lora.get(f"forward_merged/r:{r}/n:{n}"), lora.get(f"forward_unmerged/r:{r}/n:{n}")
+            if m is None or u is None:
+                continue
+            m, u = m[0], u[0]
+            F = r * 2.0 * D / (D * D)
+            tgt = 1 + 1.5 * F if n >= 16 else (1.15 if r <= 8 else None)
+            ratio = u / m
+            met = "-" if tgt is None else ("yes" if ratio <= tgt else "no")
+            lim = limit_ms(n, r)[0]
+            te = t_env.get(f"forward_unmerged/r:{r}/n:{n}")
+            tu = t_uns.get(f"forward_unmerged/r:{r}/n:{n}")
+            ttgt = {1: 2.0, 16: 1.3, 256: 1.0}[n]
+            tmet = "-" if te is None else ("yes" if te / u >= ttgt else "no")
+            print(f"| {r} | {n} | {m:.3f} | {u:.3f} | {ratio:.3f} | {fmt(tgt)} | {met} | {100 * lim / u:.0f}% "
+                  f"| {fmt(te)} | {fmt(te and te / u, '.2f')} | >= {ttgt} | {tmet} | {fmt(tu)} "
+                  f"| {fmt(tu and tu / u, '.2f')} |")
+    for key, (ms, b) in lora_blas.items():
+        n = int(key.rsplit(":", 1)[1])
+        print(f"- lora {key} with EIGEN_USE_BLAS (OpenBLAS): {ms:.3f} ms, "
+              f"{2.0 * n * D * D / (ms * 1e6):.0f} GFLOP/s = {100 * limit_ms(n)[0] / ms:.0f}% of peak")
+    print()
+
+    # ---- merge ----------------------------------------------------------------
+    print("### Merge + unmerge (per op = half the pair; limit = max(8 d^2 bytes / L3 update, 2 r d^2 / peak))\n")
+    print("| r | per op ms | limit ms | per op / limit | target | met | torch per op ms (env) | torch / lora |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in (1, 8, 64):
+        mu = lora.get(f"merge_unmerge/r:{r}")
+        if mu is None:
+            continue
+        per = mu[0] / 2
+        lim = max(8.0 * D * D / (l3_update * 1e9), 2.0 * r * D * D / (peak * 1e9)) * 1e3
+        te = t_env.get(f"merge_unmerge/r:{r}")
+        print(f"| {r} | {per:.3f} | {lim:.3f} | {per / lim:.2f} | <= 1.3 | {'yes' if per / lim <= 1.3 else 'no'} "
+              f"| {fmt(te and te / 2)} | {fmt(te and te / mu[0], '.2f')} |")
+    print()
+
+    # ---- training step --------------------------------------------------------
+    if train:
+        print("### Training step (forward + backward for A, B, X; min GEMM = the two plain Eigen GEMMs, same run)\n")
+        print("| r | n | lora ms | min GEMM ms | ratio | % of peak (4 n d^2 flops) | torch ms (env) | torch / lora |")
+        print("|---|---|---|---|---|---|---|---|")
+        for key, (ms, b) in sorted(train.items(), key=lambda kv: [int(v) for v in re.findall(r"\d+", kv[0])]):
+            mm = re.match(r"train_step<(\d+)>/(\d+)", key)
+            if not mm:
+                continue
+            r, n = int(mm.group(1)), int(mm.group(2))
+            te = t_env.get(f"train_step/r:{r}/n:{n}")
+            pct = 100 * 4.0 * n * D * D / (peak * 1e9) * 1e3 / ms
+            print(f"| {r} | {n} | {ms:.3f} | {b['ref_ms']:.3f} | {b['ratio']:.2f} | {pct:.0f}% | {fmt(te)} "
+                  f"| {fmt(te and te / ms, '.2f')} |")
+        print()
+
+    # ---- sweeps -----------------------------------------------------------------
+    if any(k.startswith("sweep_") for k in lora):
+        rows = []
+        print("### n sweep, r = 8 (limit: n = 1 W from L3; 2 <= n <= 64 % of peak and of the roofline "
+              "max(L3 bytes, flops); n >= 128 % of peak)\n")
+        print("| n | lora merged ms | lora unmerged ms | plain Eigen ms | torch merged ms | torch unmerged ms "
+              "| unmerged % of peak | unmerged % of roofline | target | met | torch / lora |")
+        print("|" + "---|" * 11)
+        for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            key = f"r:8/n:{n}"
+            m, u, e = (lora.get(f"sweep_{v}/{key}", (None,))[0] for v in ("merged", "unmerged", "eigen"))
+            tm, tu = t_env.get(f"sweep_merged/{key}"), t_env.get(f"sweep_unmerged/{key}")
+            if u is None:
+                continue
+            lim, mem, flops = limit_ms(n, 8)
+            pct_peak, pct_roof = 100 * flops / u, 100 * lim / u
+            if n == 1:
+                tgt, ok = ">= 85% of L3 read", pct_roof >= 85
+            elif n <= 64:
+                tgt, ok = ">= 60% of peak", pct_peak >= 60
+            else:
+                tgt, ok = ">= 90% of peak", pct_peak >= 90
+            print(f"| {n} | {fmt(m)} | {u:.3f} | {fmt(e)} | {fmt(tm)} | {fmt(tu)} | {pct_peak:.0f}% | {pct_roof:.0f}% "
+                  f"| {tgt} | {'yes' if ok else 'no'} | {fmt(tu and tu / u, '.2f')} |")
+            rows.append((n, m, u, e, tm, tu, lim))
+        with open(os.path.join(out, "sweep_n.csv"), "w") as f:
+            f.write("n,lora_merged_ms,lora_unmerged_ms,eigen_ms,torch_merged_ms,torch_unmerged_ms,limit_ms\n")
+            for row in rows:
+                f.write(",".join("" if v is None else f"{v:.6g}" for v in row) + "\n")
+        print()
+
+        rows = []
+        print("### r sweep: unmerged / merged (target 1 + 1.5 F at n = 16; 1.15 for r <= 8 at n = 1)\n")
+        print("| r | n = 1 merged ms | n = 1 unmerged ms | ratio | n = 16 merged ms | n = 16 unmerged ms | ratio "
+              "| 1 + 1.5 F |")
+        print("|" + "---|" * 8)
+        for r in (1, 2, 4, 8, 16, 32, 64, 128):
+            vals = []
+            for n in (1, 16):
+                m = lora.get(f"rsweep_merged/r:{r}/n:{n}", (None,))[0]
+                u = lora.get(f"rsweep_unmerged/r:{r}/n:{n}", (None,))[0]
+                vals += [m, u]
+            if None in vals:
+                continue
+            F = r * 2.0 * D / (D * D)
+            print(f"| {r} | {vals[0]:.3f} | {vals[1]:.3f} | {vals[1] / vals[0]:.3f} | {vals[2]:.3f} | {vals[3]:.3f} "
+                  f"| {vals[3] / vals[2]:.3f} | {1 + 1.5 * F:.3f} |")
+            rows.append([r] + vals + [t_env.get(f"rsweep_unmerged/r:{r}/n:1"), t_env.get(f"rsweep_unmerged/r:{r}/n:16")])
+        with open(os.path.join(out, "sweep_r.csv"), "w") as f:
+            f.write("r,n1_merged_ms,n1_unmerged_ms,n16_merged_ms,n16_unmerged_ms,torch_n1_unmerged_ms,"
+                    "torch_n16_unmerged_ms\n")
+            for row in rows:
+                f.write(",".join("" if v is None else f"{v:.6g}" for v in row) + "\n")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
