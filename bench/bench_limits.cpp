@@ -1,47 +1,96 @@
 // This machine's limits, measured in the same run as the cases they bound:
-// memory read bandwidth (a STREAM-like sum over a buffer far larger than the
-// caches), read+write bandwidth (STREAM scale), and peak SGEMM through Eigen.
-// Every case's "percent of limit" in docs/benchmarks.md divides by these.
+// memory read bandwidth (a STREAM-like sum) from DRAM (1 GiB, beyond any L3
+// here) and from L3 (64 MiB: the size of a 4096^2 fp32 W, which stays in this
+// machine's 260 MiB L3 between forwards), read+write bandwidth (STREAM scale
+// from DRAM, and an in-place update of 64 MiB: merge()'s traffic), and peak
+// SGEMM through Eigen. Every case's "percent of limit" in docs/benchmarks.md
+// and bench/compare.sh divides by these.
+//
+// Built a second time with EIGEN_USE_BLAS when LORA_BENCH_BLAS=ON
+// (bench/CMakeLists.txt): bench_limits_openblas, bench_limits_blis; there the
+// SGEMM case is Eigen's product handed to that BLAS's sgemm.
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
+#include <cstddef>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#ifdef LORA_BENCH_OPENBLAS
+extern "C" char* openblas_get_corename(void);
+extern "C" int openblas_get_num_threads(void);
+#endif
+
 namespace {
 
-constexpr std::size_t kFloats = std::size_t(1) << 26;  // 256 MiB: beyond any L3 here
+// The argument of the bandwidth cases is the buffer's size in MiB.
+std::size_t floats_of(const benchmark::State& state) { return std::size_t(state.range(0)) << 18; }
 
-// Sum: reads only. `simd` lets the float reduction vectorise (several partial
-// sums per thread), so the loop is bound by memory, not by add latency.
+// Sum: reads only. Each thread sums its own contiguous slice with Eigen's
+// vectorised reduction (several packet accumulators), so the loop is bound by
+// memory, not by the latency of one chain of adds (a plain `omp simd`
+// reduction measured 9.5 GB/s here, a fifth of the L3's bandwidth). The buffer
+// is first touched by the same split that reads it.
 void BM_stream_read(benchmark::State& state) {
-  std::vector<float> a(kFloats, 1.0f);
+  const std::size_t count = floats_of(state);
+  std::vector<float> a(count);
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
   for (auto _ : state) {
     float total = 0.0f;
-#pragma omp parallel for simd reduction(+ : total) schedule(static)
-    for (std::size_t i = 0; i < kFloats; ++i) total += a[i];
+#pragma omp parallel reduction(+ : total)
+    {
+#ifdef _OPENMP
+      const std::size_t t = std::size_t(omp_get_thread_num()), nt = std::size_t(omp_get_num_threads());
+#else
+      const std::size_t t = 0, nt = 1;
+#endif
+      const std::size_t begin = count * t / nt, end = count * (t + 1) / nt;
+      total += Eigen::Map<const Eigen::VectorXf>(a.data() + begin, Eigen::Index(end - begin)).sum();
+    }
     benchmark::DoNotOptimize(total);
   }
-  state.counters["GB/s"] = benchmark::Counter(4.0 * kFloats, benchmark::Counter::kIsIterationInvariantRate,
+  state.counters["GB/s"] = benchmark::Counter(4.0 * double(count), benchmark::Counter::kIsIterationInvariantRate,
                                               benchmark::Counter::kIs1000);
 }
 
-// Scale b = 3 a: one read and one write stream, the traffic of merge().
+// Scale b = 3 a: one read and one write stream.
 void BM_stream_scale(benchmark::State& state) {
-  std::vector<float> a(kFloats, 1.0f), b(kFloats, 0.0f);
+  const std::size_t count = floats_of(state);
+  std::vector<float> a(count), b(count);
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f, b[i] = 0.0f;
   for (auto _ : state) {
 #pragma omp parallel for schedule(static)
-    for (std::size_t i = 0; i < kFloats; ++i) b[i] = 3.0f * a[i];
+    for (std::size_t i = 0; i < count; ++i) b[i] = 3.0f * a[i];
     benchmark::ClobberMemory();
   }
-  state.counters["GB/s"] = benchmark::Counter(8.0 * kFloats, benchmark::Counter::kIsIterationInvariantRate,
+  state.counters["GB/s"] = benchmark::Counter(8.0 * double(count), benchmark::Counter::kIsIterationInvariantRate,
                                               benchmark::Counter::kIs1000);
 }
 
-// Peak SGEMM: a large square product, the best Eigen does on this machine.
+// In-place update a = a * c + d: W's traffic in merge() (read and write the
+// same buffer once). c, d keep the values bounded over many iterations.
+void BM_stream_update(benchmark::State& state) {
+  const std::size_t count = floats_of(state);
+  std::vector<float> a(count);
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
+  for (auto _ : state) {
+#pragma omp parallel for simd schedule(static)
+    for (std::size_t i = 0; i < count; ++i) a[i] = a[i] * 0.5f + 0.5f;
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] = benchmark::Counter(8.0 * double(count), benchmark::Counter::kIsIterationInvariantRate,
+                                              benchmark::Counter::kIs1000);
+}
+
+// Peak SGEMM: a large square product, the best Eigen (or, built with
+// EIGEN_USE_BLAS, the linked BLAS) does on this machine.
 void BM_sgemm_peak(benchmark::State& state) {
   const Eigen::Index d = state.range(0);
   Eigen::MatrixXf a = Eigen::MatrixXf::Random(d, d), b = Eigen::MatrixXf::Random(d, d), c(d, d);
@@ -49,14 +98,52 @@ void BM_sgemm_peak(benchmark::State& state) {
     c.noalias() = a * b;
     benchmark::DoNotOptimize(c.data());
   }
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * d * d * d, benchmark::Counter::kIsIterationInvariantRate,
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(d) * double(d) * double(d),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
                                                  benchmark::Counter::kIs1000);
 }
 
+// The n = 256 forward's shape: X [256, 4096] times W^T, W [4096, 4096] row-major.
+void BM_sgemm_forward_shape(benchmark::State& state) {
+  using Row = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const Eigen::Index n = state.range(0), d = 4096;
+  Row x = Row::Random(n, d), w = Row::Random(d, d), y(n, d);
+  for (auto _ : state) {
+    y.noalias() = x * w.transpose();
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * double(n) * double(d) * double(d),
+                                                 benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+
+int add_context() {
+#ifdef LORA_BENCH_BLAS_NAME
+  std::string blas = LORA_BENCH_BLAS_NAME;
+#ifdef LORA_BENCH_OPENBLAS
+  blas += std::string(" (core ") + openblas_get_corename() + ", " + std::to_string(openblas_get_num_threads()) +
+          " threads)";
+#endif
+#else
+  const std::string blas = "eigen";
+#endif
+  benchmark::AddCustomContext("gemm", blas);
+#ifdef _OPENMP
+  benchmark::AddCustomContext("omp_threads", std::to_string(omp_get_max_threads()));
+#endif
+  return 0;
+}
+const int context_added = add_context();
+
 }  // namespace
 
-BENCHMARK(BM_stream_read)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_stream_scale)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_sgemm_peak)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+// Buffer sizes in MiB: 1024 is beyond any L3 here (DRAM), 64 is a 4096 x 4096
+// fp32 W, which this machine's 260 MiB L3 holds (n = 1 forwards read W from L3).
+BENCHMARK(BM_stream_read)->Name("BM_dram_read")->ArgName("MiB")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_stream_scale)->Name("BM_dram_scale")->ArgName("MiB")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_stream_read)->Name("BM_l3_read")->ArgName("MiB")->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_stream_update)->Name("BM_l3_update")->ArgName("MiB")->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_sgemm_peak)->ArgName("d")->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_sgemm_forward_shape)->ArgName("n")->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 BENCHMARK_MAIN();
