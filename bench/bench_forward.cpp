@@ -1,6 +1,9 @@
 // Forward (merged vs unmerged), merge and unmerge at in = out = 4096, fp32, and
 // static vs dynamic rank. Ratios are what to read: every case of one run shares
 // the machine's state. Summarise with bench/ratios.py.
+// Sweeps for docs/img (bench/plot.sh): BM_sweep_{merged,unmerged,eigen} over
+// n = 1..256 at r = 8 (eigen: plain `Y = X W^T`, Eigen's own product and
+// threading), and BM_rsweep_{merged,unmerged} over r = 1..128 at n = 1, 16.
 #include <benchmark/benchmark.h>
 
 #include <lora/lora.hpp>
@@ -83,6 +86,20 @@ void merge_unmerge(benchmark::State& state, bool safe) {
   set_counters(state, passes * 2.0 * r * kDim * kDim, passes * 2 * 4.0 * kDim * kDim);
 }
 
+// Plain Eigen, no lora: Y = X W^T with Eigen's own product selection and threading.
+void BM_eigen_plain(benchmark::State& state) {
+  const lora::index_t n = state.range(1);
+  const lora::RowMatrix<float> W = base_weight();
+  const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
+  lora::RowMatrix<float> Y(n, kDim);
+  for (auto _ : state) {
+    Y.noalias() = X * W.transpose();
+    benchmark::DoNotOptimize(Y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 2.0 * n * kDim * kDim, 4.0 * (kDim * kDim + 2.0 * n * kDim));
+}
+
 void BM_merge_unmerge(benchmark::State& s) { merge_unmerge(s, false); }
 void BM_safe_merge_unmerge(benchmark::State& s) { merge_unmerge(s, true); }
 
@@ -111,6 +128,25 @@ int register_forward_pairs() {
   return 0;
 }
 const int forward_pairs = register_forward_pairs();
+
+// Sweeps: the cases of one point run back to back.
+int register_sweeps() {
+  const auto add = [](const char* name, void (*fn)(benchmark::State&), int r, int n) {
+    benchmark::RegisterBenchmark(name, fn)->ArgNames({"r", "n"})->Args({r, n})->Unit(benchmark::kMillisecond)->UseRealTime();
+  };
+  for (int n : {1, 2, 4, 8, 16, 32, 64, 128, 256}) {
+    add("BM_sweep_merged", BM_forward_merged, 8, n);
+    add("BM_sweep_unmerged", BM_forward_unmerged, 8, n);
+    add("BM_sweep_eigen", BM_eigen_plain, 8, n);
+  }
+  for (int n : {1, 16})
+    for (int r : {1, 2, 4, 8, 16, 32, 64, 128}) {
+      add("BM_rsweep_merged", BM_forward_merged, r, n);
+      add("BM_rsweep_unmerged", BM_forward_unmerged, r, n);
+    }
+  return 0;
+}
+const int sweeps = register_sweeps();
 BENCHMARK(BM_merge_unmerge)->ArgName("r")->Arg(1)->Arg(8)->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_safe_merge_unmerge)->ArgName("r")->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();
 
