@@ -1,10 +1,11 @@
-// bench_nf4.cpp: NF4 fused products against fp32 Eigen, and quantise /
-// dequantise throughput. Each case is labelled with its sizes; counters:
+// bench_nf4.cpp: NF4 fused products against fp32 Eigen, quantise / dequantise
+// throughput, and the QLoRA layer (AdaptedLinear over NF4) against the same
+// LoRA layer over fp32 W. Each case is labelled with its sizes; counters:
 //   GB/s    bytes the kernel must read (weights + scales + activations), per second
 //   GFLOP/s 2 * n * out * in per second (products only)
 // Build: g++ -std=c++20 -O3 -march=native -DNDEBUG [-fopenmp] -Iinclude
 //        -isystem /usr/include/eigen3 bench/bench_nf4.cpp -lbenchmark -lpthread
-#include <lora/quant/nf4.hpp>
+#include <lora/lora.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -12,6 +13,8 @@
 #include <cstdint>
 #include <vector>
 #include <random>
+#include <string>
+#include <type_traits>
 
 namespace {
 
@@ -92,6 +95,32 @@ void BM_nf4_dequantize(benchmark::State& state) {
   state.SetLabel(std::to_string(d) + "x" + std::to_string(d) + " dq block64 (GB/s of fp32 output)");
 }
 
+// Args: {out (= in), n tokens, rank, base: 0 = fp32 (LoRA), 1 = NF4 with double quantisation (QLoRA)}.
+// The whole unmerged forward Y = X (W + s B A)^T through AdaptedLinear.
+void BM_layer(benchmark::State& state) {
+  const index_t d = state.range(0), n = state.range(1), r = state.range(2);
+  const bool nf4 = state.range(3) != 0;
+  lora::LowRankDelta<float, lora::dynamic> delta(d, d, r, {.alpha = 2.0 * double(r)});
+  delta.A() = random_matrix(r, d, 3);
+  delta.B() = random_matrix(d, r, 4);
+  const Dense X = random_matrix(n, d, 2);
+  Dense Y(n, d);
+  auto run = [&](const auto& layer) {
+    typename std::remove_cvref_t<decltype(layer)>::workspace ws;
+    for (auto _ : state) {
+      layer.forward(X, Y, ws);
+      benchmark::DoNotOptimize(Y.data());
+      benchmark::ClobberMemory();
+    }
+    return double(lora::train::memory_usage(layer).frozen_bytes);
+  };
+  const double w_bytes = nf4 ? run(lora::AdaptedLinear(NF4Matrix::quantize(random_matrix(d, d, 1), {.double_quant = true}), delta))
+                             : run(lora::AdaptedLinear(random_matrix(d, d, 1), delta));
+  set_counters(state, w_bytes + 4.0 * (2 * n * d + 2 * r * d), 2.0 * n * d * (d + 2 * r));
+  state.SetLabel(std::to_string(d) + "x" + std::to_string(d) + " n=" + std::to_string(n) + " r=" + std::to_string(r) +
+                 (nf4 ? " QLoRA (NF4 dq)" : " LoRA (fp32)"));
+}
+
 // With --benchmark_repetitions, "min" is the least disturbed run on a shared machine.
 double min_of(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
@@ -101,5 +130,7 @@ BENCHMARK(BM_fp32_eigen)->Args({4096, 1})->Args({8192, 1})->Args({4096, 16})->Ar
 BENCHMARK(BM_nf4)->Args({4096, 1, 1})->Args({8192, 1, 1})->Args({4096, 16, 1})->Args({4096, 256, 1})->Args({4096, 1, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->ComputeStatistics("min", min_of);
 BENCHMARK(BM_nf4_quantize)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->ComputeStatistics("min", min_of);
 BENCHMARK(BM_nf4_dequantize)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->ComputeStatistics("min", min_of);
+
+BENCHMARK(BM_layer)->ArgsProduct({{4096}, {1, 16, 256}, {16}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->ComputeStatistics("min", min_of);
 
 BENCHMARK_MAIN();
