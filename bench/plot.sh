@@ -15,13 +15,13 @@ title=$(sed -n 's/^threads: /threads /p' "$run/env.txt")
 cpu=$(sed -n 's/^cpu: //p' "$run/env.txt")
 
 gnuplot <<GP
-set terminal pngcairo size 900,600 font "sans,11"
+set terminal pngcairo size 900,560 font "sans,11"
 set datafile separator ","
-set key outside below box opaque maxrows 3
+set key inside top left box opaque
 set grid
 set output "$img/forward_vs_n.png"
 set title "Forward, in = out = 4096, fp32, r = 8, $title ($cpu)"
-set xlabel "tokens n" offset 0,0.8
+set xlabel "tokens n"
 set ylabel "ms per forward (log)"
 set logscale xy 2
 set xrange [0.8:320]
@@ -44,7 +44,7 @@ set xrange [0.8:160]
 set xtics (1, 2, 4, 8, 16, 32, 64, 128)
 set xlabel "rank r"
 set ylabel "ms per forward"
-set key outside below box opaque maxrows 3
+set key inside bottom right box opaque
 set yrange [0:*]
 F(r) = 1 + 1.5 * r * 2.0 / 4096
 set title "n = 1"
