@@ -21,6 +21,9 @@
 # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset.
 #
 # Usage: bench/compare.sh [threads=2] [build=build/release]
+# On a machine where other work runs, a 2-thread benchmark loses a time slice
+# at every OpenMP barrier; run it as `chrt -f 10 bench/compare.sh 2` (as root),
+# as docs/benchmarks.md did.
 # Environment:
 #   LORA_TORCH_PYTHON  interpreter with torch (default: build/torch-venv/bin/python
 #                      if present, made by bench/setup-torch.sh; else /usr/bin/python3)
