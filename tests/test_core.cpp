@@ -370,7 +370,7 @@ TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forwar
   fill(W, 21);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 5, {.alpha = 10}}};
   layer.delta().init(lora::init::uniform_both{}, 22);
-  for (index_t n : {1, 2, 7, 64, 65}) {
+  for (index_t n : {1, 2, 3, 6, 7, 64, 65}) {
     CAPTURE(n);
     lora::RowMatrix<T> X(n, in);
     fill(X, 23 + n);
