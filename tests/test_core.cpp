@@ -382,3 +382,43 @@ TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forwar
     }
   }
 }
+
+TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the reference", "[backward][threads]",
+                   float, double) {
+  // B [389, 701] has >= 2^18 elements, so C's 701 columns split over threads
+  // unevenly; depth 389 >= the panel kernel's minimum and not a multiple of its
+  // 128-deep chunks; 701 columns leave 4-vector, 1-vector and scalar tails;
+  // m crosses every row-block width and the kernel's limit (32).
+#ifdef _OPENMP
+  omp_set_num_threads(2);
+#endif
+  using T = TestType;
+  const index_t k = 389, n = 701;
+  lora::RowMatrix<T> B(k, n);
+  fill(B, 41);
+  for (index_t m : {1, 2, 3, 5, 7, 16, 32, 33}) {
+    for (T beta : {T(0), T(1), T(-0.5)}) {
+      CAPTURE(m, beta);
+      lora::RowMatrix<T> A(m, k), C(m, n);
+      fill(A, 42 + m);
+      fill(C, 43);
+      const lora::RowMatrix<T> C0 = C;
+      if (beta == T(0)) C.setConstant(std::numeric_limits<T>::quiet_NaN());  // beta = 0 must not read C
+      const T alpha = T(0.75);
+      lora::eigen_backend::gemm_nn(alpha, A, B, beta, C);
+      const long double gamma = 2.0L * (k + 2) * std::numeric_limits<T>::epsilon();
+      long double worst = 0;
+      for (index_t i = 0; i < m; ++i)
+        for (index_t j = 0; j < n; ++j) {
+          long double acc = beta == T(0) ? 0.0L : (long double)beta * C0(i, j);
+          long double mag = std::fabs(acc);
+          for (index_t p = 0; p < k; ++p) {
+            acc += (long double)alpha * A(i, p) * B(p, j);
+            mag += std::fabs((long double)alpha * A(i, p) * B(p, j));
+          }
+          worst = std::max(worst, std::fabs(C(i, j) - acc) / (gamma * mag + 1e-30L));
+        }
+      CHECK(worst <= 1.0L);
+    }
+  }
+}

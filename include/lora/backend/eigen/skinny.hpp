@@ -12,6 +12,7 @@
 #endif
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstring>
 
 #include "../../config.hpp"
@@ -108,6 +109,80 @@ void rows(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, index_t l
   for (; i + 6 <= r1; i += 6) row_block<6, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy);
   for (; i + 4 <= r1; i += 4) row_block<4, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy);
   for (; i < r1; ++i) row_block<1, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy);
+}
+
+// ---- few rows times a wide matrix: C = beta C + alpha A B, A [m, k] with m small ----
+// Backward's dX = G W for a few tokens (the transposed product of the forward's
+// skinny case). Eigen's GEMM packs B (W) for a handful of rows of A. Here a block
+// of TB rows x CB vectors of C sits in registers while the depth goes by: one
+// row piece of B (CB loads) and TB broadcasts of A per step; B's column panel
+// (k x CB vectors, 1 MiB for k = 4096) stays in L2 across the row blocks.
+
+/// Rows [0, TB) of C, columns [0, CB * width): a register block over all k.
+template <int TB, int CB, class T>
+LORA_FORCE_INLINE void panel_block(const T* a, index_t lda, const T* b, index_t ldb, index_t k, T alpha, T beta,
+                                   T* c, index_t ldc) {
+  using S = simd<T>;
+  using V = typename S::type;
+  V acc[TB][CB];
+  for (int t = 0; t < TB; ++t)
+    for (int q = 0; q < CB; ++q) acc[t][q] = V{};
+  for (index_t p = 0; p < k; ++p) {
+    V bv[CB];
+    for (int q = 0; q < CB; ++q) bv[q] = S::load(b + p * ldb + q * S::width);
+    for (int t = 0; t < TB; ++t) {
+      const V av = V{} + a[t * lda + p];  // broadcast from memory
+      for (int q = 0; q < CB; ++q) acc[t][q] += av * bv[q];
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int q = 0; q < CB; ++q) {
+      T* out = c + t * ldc + q * S::width;
+      V r = (V{} + alpha) * acc[t][q];
+      if (beta != T(0)) r += (V{} + beta) * S::load(out);
+      std::memcpy(out, &r, sizeof r);
+    }
+}
+
+/// All m rows of C, columns [0, CB * width): row blocks of 6, then 4, 2, 1.
+template <int CB, class T>
+LORA_FORCE_INLINE void panel(const T* a, index_t lda, const T* b, index_t ldb, index_t m, index_t k, T alpha,
+                             T beta, T* c, index_t ldc) {
+  index_t t = 0;
+  for (; t + 6 <= m; t += 6) panel_block<6, CB>(a + t * lda, lda, b, ldb, k, alpha, beta, c + t * ldc, ldc);
+  if (t + 4 <= m) {
+    panel_block<4, CB>(a + t * lda, lda, b, ldb, k, alpha, beta, c + t * ldc, ldc);
+    t += 4;
+  }
+  if (t + 2 <= m) {
+    panel_block<2, CB>(a + t * lda, lda, b, ldb, k, alpha, beta, c + t * ldc, ldc);
+    t += 2;
+  }
+  if (t < m) panel_block<1, CB>(a + t * lda, lda, b, ldb, k, alpha, beta, c + t * ldc, ldc);
+}
+
+/// Columns [c0, c1) of C = beta C + alpha A B (row-major, leading dimensions
+/// given): 4-vector panels, then single vectors, then a scalar tail.
+template <class T>
+void columns(const T* a, index_t lda, const T* b, index_t ldb, index_t m, index_t k, T alpha, T beta, T* c,
+             index_t ldc, index_t c0, index_t c1) {
+  constexpr int W = simd<T>::width;
+  // Depth in chunks of 128: a 128 x 4-vector piece of B (32 KiB) stays in L1
+  // while every row block of A passes over it; C accumulates across chunks.
+  constexpr index_t kc = 128;
+  index_t j = c0;
+  for (; j + 4 * W <= c1; j += 4 * W)
+    for (index_t k0 = 0; k0 < k; k0 += kc)
+      panel<4>(a + k0, lda, b + k0 * ldb + j, ldb, m, std::min(kc, k - k0), alpha, k0 == 0 ? beta : T(1), c + j,
+               ldc);
+  for (; j + W <= c1; j += W) panel<1>(a, lda, b + j, ldb, m, k, alpha, beta, c + j, ldc);
+  for (; j < c1; ++j)
+    for (index_t t = 0; t < m; ++t) {
+      T dot = 0;
+      for (index_t p = 0; p < k; ++p) dot += a[t * lda + p] * b[p * ldb + j];
+      T& out = c[t * ldc + j];
+      out = beta == T(0) ? alpha * dot : beta * out + alpha * dot;
+    }
 }
 
 /// The operand types the kernel takes: row-major with unit inner stride and
