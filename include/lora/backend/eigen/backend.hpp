@@ -17,6 +17,7 @@
 #include "../../detail/random.hpp"
 #include "../../error.hpp"
 #include "../traits.hpp"
+#include "blas.hpp"
 #include "skinny.hpp"
 
 #ifdef _OPENMP
@@ -347,6 +348,9 @@ struct eigen_backend {
 
   template <class T, class A, class B, class C>
   static void gemm_impl(T alpha, const A& a, const B& b, T beta, C& c) {
+#ifdef LORA_USE_OPENBLAS
+    if (detail::blas::try_gemm(alpha, a, b, beta, c)) return;
+#endif
     if (beta == T(0)) {
       c.noalias() = alpha * a * b;
     } else {
