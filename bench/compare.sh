@@ -14,8 +14,9 @@
 # them (cmake -DLORA_BENCH_BLAS=ON: Eigen with EIGEN_USE_BLAS). OpenBLAS runs
 # with the environment as given and, when OPENBLAS_CORETYPE is unset, also with
 # OPENBLAS_CORETYPE=$LORA_BENCH_OPENBLAS_CORE (default SkylakeX: 0.3.21
-# misdetects newer Xeons as Prescott); lora's n = 256 forward is also run through
-# bench_forward_openblas that way.
+# misdetects newer Xeons as Prescott). lora linked with lora::blas
+# (bench_forward_openblas, bench_train_openblas: large products through OpenBLAS)
+# runs that way too.
 #
 # PyTorch runs with the environment as given and, in this command only, with
 # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset.
@@ -79,11 +80,17 @@ for ((k = 1; k <= rounds; ++k)); do
     gb "$bin/bench_limits_blis" --benchmark_filter=sgemm > "$out/limits.blis.$k.json"
   fi
   gb "$bin/bench_forward" --benchmark_filter="$fwd_filter" > "$out/lora.$k.json"
-  if [[ -x "$bin/bench_forward_openblas" ]]; then  # lora's large-n forward with Eigen's GEMM handed to OpenBLAS
-    OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core} gb "$bin/bench_forward_openblas" \
-      --benchmark_filter='BM_forward_(un)?merged/r:8/n:256' > "$out/lora_openblas.$k.json"
-  fi
   gb "$bin/bench_train" > "$out/train.$k.json"
+  # lora linked with lora::blas (large products through OpenBLAS; its guard
+  # needs the core type where OpenBLAS misdetects the CPU).
+  if [[ -x "$bin/bench_forward_openblas" ]]; then
+    OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core} gb "$bin/bench_forward_openblas" \
+      --benchmark_filter='BM_forward_(un)?merged/r:(8|64)/n:256|BM_merge_unmerge|BM_sweep_(un)?merged/r:8/n:(64|128|256)/' \
+      > "$out/lora_openblas.$k.json"
+  fi
+  if [[ -x "$bin/bench_train_openblas" ]]; then
+    OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core} gb "$bin/bench_train_openblas" > "$out/train_openblas.$k.json"
+  fi
   "$py" "$root/bench/compare_torch.py" --threads "$threads" "${sweep_arg[@]}" > "$out/torch_env.$k.json"
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$py" "$root/bench/compare_torch.py" --threads "$threads" \
     > "$out/torch_unset.$k.json"
