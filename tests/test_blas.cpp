@@ -14,6 +14,8 @@
 #include <limits>
 #include <utility>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -241,4 +243,34 @@ TEST_CASE("blas: merge() and unmerge() at rank >= 32 go through OpenBLAS") {
   // W + dW - dW: two roundings of |W| + |dW| each.
   const float worst = (layer.base_weight() - W).cwiseAbs().maxCoeff();
   CHECK(worst <= 4 * std::numeric_limits<float>::epsilon() * (W.cwiseAbs().maxCoeff() + float(mag.maxCoeff())));
+}
+
+TEST_CASE("blas: forward from several application threads at once stays correct") {
+  // One thread holds OpenBLAS, the others fall back to Eigen; every result must
+  // meet the same bound.
+  const index_t in = 259, out = 263, n = 131, r = 4;
+  RowMatrix<float> W(out, in);
+  fill(W, 30);
+  lora::LowRankDelta<float> delta(out, in, r, {.alpha = 4.0});
+  fill(delta.A(), 31);
+  fill(delta.B(), 32);
+  const lora::AdaptedLinear layer(W, delta);
+  RowMatrix<float> X(n, in);
+  fill(X, 33);
+  const long double s = layer.delta().scale();
+  RowMatrix<long double> Weff = W.cast<long double>() + s * (delta.B().cast<long double>() * delta.A().cast<long double>());
+  RowMatrix<long double> want, mag;
+  reference(1.0L, X.cast<long double>().eval(), Weff.transpose().eval(), 0.0L, RowMatrix<long double>(), want, mag);
+
+  constexpr int threads = 4, reps = 8;
+  std::vector<RowMatrix<float>> Y(threads, RowMatrix<float>(n, out));
+  std::vector<std::thread> pool;
+  const auto before = calls();
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (int i = 0; i < reps; ++i) layer.forward(X, Y[t]);
+    });
+  for (auto& th : pool) th.join();
+  CHECK(calls() > before);
+  for (int t = 0; t < threads; ++t) check_bound<float>(Y[t], want, mag, in + 2 * r);
 }

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cctype>
 #include <limits>
+#include <mutex>
 #include <cstdlib>
 #include <string>
 #include <string_view>
@@ -156,7 +157,8 @@ struct operand {
 
 /// C = beta C + alpha A B through cblas when it qualifies (float or double,
 /// direct storage with unit inner stride, row-major C, large enough, the guard
-/// says yes, not inside a parallel region); returns false to let Eigen do it.
+/// says yes, not inside a parallel region, no other thread in OpenBLAS);
+/// returns false to let Eigen do it.
 template <class T, class A, class B, class C>
 bool try_gemm(T alpha, const A& a, const B& b, T beta, C& c) {
   using AT = std::remove_cvref_t<A>;
@@ -183,6 +185,13 @@ bool try_gemm(T alpha, const A& a, const B& b, T beta, C& c) {
     if (omp_in_parallel()) return false;
 #endif
     if (!status().active) return false;
+    // One product in OpenBLAS at a time: AdaptedLinear::forward is documented as
+    // safe to call from several application threads, and OpenBLAS's thread
+    // safety under concurrent callers has varied between releases (and would
+    // oversubscribe the cores anyway). A caller that finds it busy uses Eigen.
+    static std::mutex busy;
+    const std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+    if (!lock.owns_lock()) return false;
     const auto ta = operand<AT>::row_major ? CblasNoTrans : CblasTrans;
     const auto tb = operand<BT>::row_major ? CblasNoTrans : CblasTrans;
     if (std::max({ld(a, operand<AT>::row_major), ld(b, operand<BT>::row_major), ld(c, true)}) > int_max) return false;
