@@ -383,6 +383,33 @@ TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forwar
   }
 }
 
+TEMPLATE_TEST_CASE("skinny products with the depth in several chunks match the reference", "[forward][threads]",
+                   float, double) {
+  // in = 1100: two full 512-deep chunks of the skinny kernel, a partial one and
+  // a 12-element tail that is not a whole vector; out = 251: row blocks of 6,
+  // then 4, then single rows, split unevenly across threads (W >= 2^18
+  // elements); n covers whole 4-token blocks, every tail and n = 2's 8-row path.
+#ifdef _OPENMP
+  omp_set_num_threads(2);
+#endif
+  using T = TestType;
+  const index_t out = 251, in = 1100;
+  lora::RowMatrix<T> W(out, in);
+  fill(W, 31);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 3, {.alpha = 6}}};
+  layer.delta().init(lora::init::uniform_both{}, 32);
+  for (index_t n : {2, 3, 4, 5, 6, 7, 17, 64}) {
+    CAPTURE(n);
+    lora::RowMatrix<T> X(n, in);
+    fill(X, 33 + n);
+    const auto ref = reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, nullptr);
+    check_against<T>(layer.forward(X), ref, in + 3);
+    lora::RowMatrix<T> Y = lora::RowMatrix<T>::Constant(n, out, std::numeric_limits<T>::quiet_NaN());
+    layer.forward(X, Y);  // beta = 0 must not read Y
+    check_against<T>(Y, ref, in + 3);
+  }
+}
+
 TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the reference", "[backward][threads]",
                    float, double) {
   // B [389, 701] has >= 2^18 elements, so C's 701 columns split over threads
