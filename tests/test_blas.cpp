@@ -105,7 +105,8 @@ TEMPLATE_TEST_CASE("blas: backend products of every layout, odd sizes, alpha and
   using T = TestType;
   using eb = lora::eigen_backend;
   // Depth >= LORA_BLAS_MIN_DEPTH and m n k >= LORA_BLAS_MIN_WORK, all odd.
-  const index_t n = GENERATE(as<index_t>{}, 67, 131), in = 259, out = 263;
+  // n above the skinny kernel's token limit, so gemm_nt reaches OpenBLAS too.
+  const index_t n = GENERATE(as<index_t>{}, LORA_EIGEN_SKINNY_MAX_TOKENS + 3, 300), in = 259, out = 263;
   const auto [alpha, beta] = GENERATE(std::pair{T(1), T(0)}, std::pair{T(-0.75), T(0.5)}, std::pair{T(1), T(1)});
   CAPTURE(n, alpha, beta);
   RowMatrix<long double> want, mag;
@@ -186,7 +187,7 @@ TEST_CASE("blas: small, thin-depth and column-major products stay with Eigen") {
 
 TEST_CASE("blas: AdaptedLinear forward and backward through OpenBLAS match plain loops") {
   const index_t in = 259, out = 263, r = 8;
-  const index_t n = GENERATE(as<index_t>{}, 67, 300);
+  const index_t n = GENERATE(as<index_t>{}, LORA_EIGEN_SKINNY_MAX_TOKENS + 3, 300);
   CAPTURE(n);
   RowMatrix<float> W(out, in);
   fill(W, 10, -0.05, 0.05);
@@ -202,7 +203,7 @@ TEST_CASE("blas: AdaptedLinear forward and backward through OpenBLAS match plain
 
   const auto before = calls();
   layer.forward(X, Y);
-  CHECK(calls() > before);  // X W^T went to OpenBLAS (n > the skinny kernel's 64 tokens)
+  CHECK(calls() > before);  // X W^T went to OpenBLAS (n > the skinny kernel's token limit)
   // Reference: X (W + s B A)^T + b, the effective weight formed in long double.
   const long double s = layer.delta().scale();
   RowMatrix<long double> Weff = W.cast<long double>() + s * (delta.B().cast<long double>() * delta.A().cast<long double>());
@@ -248,7 +249,7 @@ TEST_CASE("blas: merge() and unmerge() at rank >= 32 go through OpenBLAS") {
 TEST_CASE("blas: forward from several application threads at once stays correct") {
   // One thread holds OpenBLAS, the others fall back to Eigen; every result must
   // meet the same bound.
-  const index_t in = 259, out = 263, n = 131, r = 4;
+  const index_t in = 259, out = 263, n = LORA_EIGEN_SKINNY_MAX_TOKENS + 3, r = 4;
   RowMatrix<float> W(out, in);
   fill(W, 30);
   lora::LowRankDelta<float> delta(out, in, r, {.alpha = 4.0});

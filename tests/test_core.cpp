@@ -370,7 +370,7 @@ TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forwar
   fill(W, 21);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 5, {.alpha = 10}}};
   layer.delta().init(lora::init::uniform_both{}, 22);
-  for (index_t n : {1, 2, 3, 6, 7, 64, 65}) {
+  for (index_t n : {1, 2, 3, 6, 7, 64, 65, 131}) {  // 131: past the skinny kernel, Eigen's GEMM
     CAPTURE(n);
     lora::RowMatrix<T> X(n, in);
     fill(X, 23 + n);
@@ -388,7 +388,8 @@ TEMPLATE_TEST_CASE("skinny products with the depth in several chunks match the r
   // in = 1100: two full 512-deep chunks of the skinny kernel, a partial one and
   // a 12-element tail that is not a whole vector; out = 251: row blocks of 6,
   // then 4, then single rows, split unevenly across threads (W >= 2^18
-  // elements); n covers whole 4-token blocks, every tail and n = 2's 8-row path.
+  // elements); n covers whole 4-token blocks, every tail, n = 2's 8-row path
+  // and uneven token groups.
 #ifdef _OPENMP
   omp_set_num_threads(2);
 #endif
@@ -398,7 +399,7 @@ TEMPLATE_TEST_CASE("skinny products with the depth in several chunks match the r
   fill(W, 31);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 3, {.alpha = 6}}};
   layer.delta().init(lora::init::uniform_both{}, 32);
-  for (index_t n : {2, 3, 4, 5, 6, 7, 17, 64}) {
+  for (index_t n : {2, 3, 4, 5, 6, 7, 17, 64, 65, 101, 128}) {  // 65..128: two token groups
     CAPTURE(n);
     lora::RowMatrix<T> X(n, in);
     fill(X, 33 + n);

@@ -3,7 +3,7 @@
 // Opt in with -DLORA_USE_OPENBLAS and -lopenblas (CMake: link lora::blas). The
 // Eigen backend then gives every product with at least LORA_BLAS_MIN_WORK
 // multiply-adds and a depth of at least LORA_BLAS_MIN_DEPTH to cblas_?gemm: the
-// forward for more than 64 tokens, backward's dX for more than 32, merge() for
+// forward for more than 128 tokens, backward's dX for more than 32, merge() for
 // r >= 32. The skinny paths (few tokens) keep lora's own kernels, faster there.
 // Measured on a 2-core AVX-512 Xeon, 4096^2 fp32 (docs/benchmarks.md): SGEMM
 // through OpenBLAS 0.3.21 runs at 290-298 GFLOP/s, Eigen 3.4's own at 232-251.

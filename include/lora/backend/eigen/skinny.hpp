@@ -1,5 +1,5 @@
 // backend/eigen/skinny.hpp: Y = beta Y + alpha X W^T for few tokens (skinny
-// products), W streamed once. Eigen's GEMM packs both operands and its micro-
+// products), W streamed once per group of up to 64 tokens. Eigen's GEMM packs both operands and its micro-
 // kernel is shaped for many rows of X; with 2..64 tokens it runs at 20-35% of
 // peak. Here each 6-row block of W meets every 4-token block of X in registers
 // (the last n % 4 tokens in one narrower block): 24 vector accumulators, 10
@@ -156,6 +156,24 @@ void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, inde
   }
 }
 
+/// Rows [r0, r1) of W against n <= 64 tokens (one token group).
+template <class T>
+void rows_group(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, index_t ldx, index_t n, index_t k,
+                T alpha, T beta, T* y, index_t ldy, typename simd<T>::type* carry) {
+  constexpr int TB = 4;
+  index_t i = r0;
+  if (n == 2)
+    for (; i + 8 <= r1; i += 8) block<8, 2>(w + i * ldw, ldw, x, ldx, k, alpha, beta, y + i, ldy);
+  for (; i + 6 <= r1; i += 6) row_block<6, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry);
+  for (; i + 4 <= r1; i += 4) row_block<4, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry);
+  for (; i < r1; ++i) row_block<1, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry);
+}
+
+// Tokens per group: one group's carried accumulators (24 KiB at 64 tokens)
+// stay in L1 beside W's chunk. More tokens go in equal groups, each streaming
+// W once more; past ~128 tokens Eigen's GEMM is as fast (backend.hpp).
+inline constexpr index_t token_group = 64;
+
 /// Rows [r0, r1) of W against all n tokens: y(:, r0:r1) = beta y + alpha X W(r0:r1)^T.
 /// Pointers are to row-major storage with the given leading dimensions.
 /// 6 rows x 4 tokens: 24 accumulators + 6 W vectors + 1 X vector fill AVX-512's
@@ -165,15 +183,13 @@ void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, inde
 template <class T>
 void rows(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, index_t ldx, index_t n, index_t k,
           T alpha, T beta, T* y, index_t ldy) {
-  constexpr int TB = 4;
-  index_t i = r0;
-  if (n == 2)
-    for (; i + 8 <= r1; i += 8) block<8, 2>(w + i * ldw, ldw, x, ldx, k, alpha, beta, y + i, ldy);
-  // Carried accumulators: 24 KiB at n = 64 (L1-resident next to W's chunk).
-  std::vector<typename simd<T>::type> carry(static_cast<std::size_t>((n / TB + 1) * 6 * TB));
-  for (; i + 6 <= r1; i += 6) row_block<6, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry.data());
-  for (; i + 4 <= r1; i += 4) row_block<4, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry.data());
-  for (; i < r1; ++i) row_block<1, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry.data());
+  constexpr index_t TB = 4;
+  const index_t groups = (n + token_group - 1) / token_group;
+  const index_t per_group = (n + groups - 1) / groups;  // n = 65: 33 + 32, not 64 + 1
+  std::vector<typename simd<T>::type> carry(static_cast<std::size_t>((per_group / TB + 1) * 6 * TB));
+  for (index_t t0 = 0; t0 < n; t0 += per_group)
+    rows_group(w, ldw, r0, r1, x + t0 * ldx, ldx, std::min(per_group, n - t0), k, alpha, beta, y + t0 * ldy, ldy,
+               carry.data());
 }
 
 // ---- few rows times a wide matrix: C = beta C + alpha A B, A [m, k] with m small ----
