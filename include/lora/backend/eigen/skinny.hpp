@@ -81,13 +81,13 @@ LORA_FORCE_INLINE void block(const T* w, index_t ldw, const T* x, index_t ldx, i
 /// Depth [p0, p1) (whole vectors) of an RB-row x TB-token block, its vector
 /// accumulators carried in acc[RB * TB] across calls (zero-started when first).
 template <int RB, int TB, class T>
-LORA_FORCE_INLINE void chunk(const T* w, index_t ldw, const T* x, index_t ldx, index_t p0, index_t p1,
-                             typename simd<T>::type* carry, bool first) {
+LORA_FORCE_INLINE void chunk(const T* w, index_t ldw, const T* x, index_t ldx, index_t p0, index_t p1, T* carry,
+                             bool first) {
   using S = simd<T>;
   using V = typename S::type;
   V acc[RB][TB];
   for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) acc[i][j] = first ? V{} : carry[i * TB + j];
+    for (int j = 0; j < TB; ++j) acc[i][j] = first ? V{} : S::load(carry + (i * TB + j) * S::width);
   for (index_t p = p0; p < p1; p += S::width) {
     V wv[RB];
     for (int i = 0; i < RB; ++i) wv[i] = S::load(w + i * ldw + p);
@@ -97,16 +97,17 @@ LORA_FORCE_INLINE void chunk(const T* w, index_t ldw, const T* x, index_t ldx, i
     }
   }
   for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) carry[i * TB + j] = acc[i][j];
+    for (int j = 0; j < TB; ++j) std::memcpy(carry + (i * TB + j) * S::width, &acc[i][j], sizeof(V));
 }
 
 /// y(j, i) = beta y(j, i) + alpha (sum of carry[i][j] + the depth tail [kv, k)).
 template <int RB, int TB, class T>
 LORA_FORCE_INLINE void finish(const T* w, index_t ldw, const T* x, index_t ldx, index_t kv, index_t k,
-                              const typename simd<T>::type* carry, T alpha, T beta, T* y, index_t ldy) {
+                              const T* carry, T alpha, T beta, T* y, index_t ldy) {
+  using S = simd<T>;
   for (int i = 0; i < RB; ++i)
     for (int j = 0; j < TB; ++j) {
-      T dot = simd<T>::sum(carry[i * TB + j]);
+      T dot = S::sum(S::load(carry + (i * TB + j) * S::width));
       for (index_t q = kv; q < k; ++q) dot += w[i * ldw + q] * x[j * ldx + q];
       T& out = y[j * ldy + i];
       out = beta == T(0) ? alpha * dot : beta * out + alpha * dot;
@@ -124,20 +125,21 @@ inline constexpr index_t depth_chunk = 512;
 /// One block of RB rows of W against all n tokens: blocks of TB tokens, the last
 /// n % TB tokens in one narrower block (never one token at a time, which would
 /// load W's rows once per token), depth in chunks with the accumulators carried
-/// in `carry` ((n / TB + 1) * RB * TB vectors), so the sums are those of the
+/// in `carry` ((n / TB + 1) * RB * TB vectors of floats), so the sums are those of the
 /// unchunked loop, in the same order.
 template <int RB, int TB, class T>
 void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, index_t k, T alpha, T beta, T* y,
-               index_t ldy, typename simd<T>::type* carry) {
+               index_t ldy, T* carry) {
   static_assert(TB == 4, "the tails below handle 1..3 leftover tokens");
+  constexpr index_t block_floats = RB * TB * simd<T>::width;
   const index_t kv = k - k % simd<T>::width;  // whole vectors; the rest in finish()
   const index_t blocks = n / TB, tail = n % TB, j_tail = blocks * TB;
-  auto* carry_tail = carry + blocks * RB * TB;
+  T* carry_tail = carry + blocks * block_floats;
   for (index_t p0 = 0; p0 < kv; p0 += depth_chunk) {
     const index_t p1 = std::min(p0 + depth_chunk, kv);
     const bool first = p0 == 0;
     for (index_t b = 0; b < blocks; ++b)
-      chunk<RB, TB>(w, ldw, x + b * TB * ldx, ldx, p0, p1, carry + b * RB * TB, first);
+      chunk<RB, TB>(w, ldw, x + b * TB * ldx, ldx, p0, p1, carry + b * block_floats, first);
     switch (tail) {
       case 3: chunk<RB, 3>(w, ldw, x + j_tail * ldx, ldx, p0, p1, carry_tail, first); break;
       case 2: chunk<RB, 2>(w, ldw, x + j_tail * ldx, ldx, p0, p1, carry_tail, first); break;
@@ -145,9 +147,10 @@ void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, inde
       default: break;
     }
   }
-  if (kv == 0) std::fill(carry, carry + (blocks + 1) * RB * TB, typename simd<T>::type{});
+  if (kv == 0) std::fill(carry, carry + (blocks + 1) * block_floats, T(0));
   for (index_t b = 0; b < blocks; ++b)
-    finish<RB, TB>(w, ldw, x + b * TB * ldx, ldx, kv, k, carry + b * RB * TB, alpha, beta, y + b * TB * ldy, ldy);
+    finish<RB, TB>(w, ldw, x + b * TB * ldx, ldx, kv, k, carry + b * block_floats, alpha, beta, y + b * TB * ldy,
+                   ldy);
   switch (tail) {
     case 3: finish<RB, 3>(w, ldw, x + j_tail * ldx, ldx, kv, k, carry_tail, alpha, beta, y + j_tail * ldy, ldy); break;
     case 2: finish<RB, 2>(w, ldw, x + j_tail * ldx, ldx, kv, k, carry_tail, alpha, beta, y + j_tail * ldy, ldy); break;
@@ -159,7 +162,7 @@ void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, inde
 /// Rows [r0, r1) of W against n <= 64 tokens (one token group).
 template <class T>
 void rows_group(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, index_t ldx, index_t n, index_t k,
-                T alpha, T beta, T* y, index_t ldy, typename simd<T>::type* carry) {
+                T alpha, T beta, T* y, index_t ldy, T* carry) {
   constexpr int TB = 4;
   index_t i = r0;
   if (n == 2)
@@ -186,7 +189,9 @@ void rows(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, index_t l
   constexpr index_t TB = 4;
   const index_t groups = (n + token_group - 1) / token_group;
   const index_t per_group = (n + groups - 1) / groups;  // n = 65: 33 + 32, not 64 + 1
-  std::vector<typename simd<T>::type> carry(static_cast<std::size_t>((per_group / TB + 1) * 6 * TB));
+  // Plain T storage, read and written through memcpy: a std::vector of vector
+  // types does not compile under nvcc, which sees this header in GPU builds.
+  std::vector<T> carry(static_cast<std::size_t>((per_group / TB + 1) * 6 * TB * simd<T>::width));
   for (index_t t0 = 0; t0 < n; t0 += per_group)
     rows_group(w, ldw, r0, r1, x + t0 * ldx, ldx, std::min(per_group, n - t0), k, alpha, beta, y + t0 * ldy, ldy,
                carry.data());
