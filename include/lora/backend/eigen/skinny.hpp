@@ -50,34 +50,6 @@ struct simd {
   }
 };
 
-/// acc[i][j] = dot(w row i, x row j) over k elements, for RB rows of W and TB
-/// tokens, then y(j, i) = beta y(j, i) + alpha acc[i][j].
-template <int RB, int TB, class T>
-LORA_FORCE_INLINE void block(const T* w, index_t ldw, const T* x, index_t ldx, index_t k, T alpha, T beta,
-                             T* y, index_t ldy) {
-  using S = simd<T>;
-  using V = typename S::type;
-  V acc[RB][TB];
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) acc[i][j] = V{};
-  index_t p = 0;
-  for (; p + S::width <= k; p += S::width) {
-    V wv[RB];
-    for (int i = 0; i < RB; ++i) wv[i] = S::load(w + i * ldw + p);
-    for (int j = 0; j < TB; ++j) {
-      const V xv = S::load(x + j * ldx + p);
-      for (int i = 0; i < RB; ++i) acc[i][j] += wv[i] * xv;
-    }
-  }
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < TB; ++j) {
-      T dot = S::sum(acc[i][j]);
-      for (index_t q = p; q < k; ++q) dot += w[i * ldw + q] * x[j * ldx + q];  // the k % width tail
-      T& out = y[j * ldy + i];
-      out = beta == T(0) ? alpha * dot : beta * out + alpha * dot;
-    }
-}
-
 /// Depth [p0, p1) (whole vectors) of an RB-row x TB-token block, its vector
 /// accumulators carried in acc[RB * TB] across calls (zero-started when first).
 template <int RB, int TB, class T>
@@ -165,8 +137,13 @@ void rows_group(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, ind
                 T alpha, T beta, T* y, index_t ldy, T* carry) {
   constexpr int TB = 4;
   index_t i = r0;
-  if (n == 2)
-    for (; i + 8 <= r1; i += 8) block<8, 2>(w + i * ldw, ldw, x, ldx, k, alpha, beta, y + i, ldy);
+  if (n == 2) {  // 8 rows over the whole depth at once: W-read bound, nothing for L1 to keep
+    const index_t kv = k - k % simd<T>::width;
+    for (; i + 8 <= r1; i += 8) {
+      chunk<8, 2>(w + i * ldw, ldw, x, ldx, 0, kv, carry, true);
+      finish<8, 2>(w + i * ldw, ldw, x, ldx, kv, k, carry, alpha, beta, y + i, ldy);
+    }
+  }
   for (; i + 6 <= r1; i += 6) row_block<6, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry);
   for (; i + 4 <= r1; i += 4) row_block<4, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry);
   for (; i < r1; ++i) row_block<1, TB>(w + i * ldw, ldw, x, ldx, n, k, alpha, beta, y + i, ldy, carry);
