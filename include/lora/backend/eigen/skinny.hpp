@@ -16,7 +16,6 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "../../config.hpp"
 
@@ -166,12 +165,14 @@ void rows(const T* w, index_t ldw, index_t r0, index_t r1, const T* x, index_t l
   constexpr index_t TB = 4;
   const index_t groups = (n + token_group - 1) / token_group;
   const index_t per_group = (n + groups - 1) / groups;  // n = 65: 33 + 32, not 64 + 1
-  // Plain T storage, read and written through memcpy: a std::vector of vector
-  // types does not compile under nvcc, which sees this header in GPU builds.
-  std::vector<T> carry(static_cast<std::size_t>((per_group / TB + 1) * 6 * TB * simd<T>::width));
+  LORA_ASSERT(per_group <= token_group);
+  // On the stack (25.5 KiB): forward() allocates nothing but its [n, r]
+  // intermediate. Plain T, read and written through memcpy: nvcc, which sees
+  // this header in GPU builds, rejects containers of vector types.
+  T carry[(token_group / TB + 1) * 6 * TB * simd<T>::width];
   for (index_t t0 = 0; t0 < n; t0 += per_group)
     rows_group(w, ldw, r0, r1, x + t0 * ldx, ldx, std::min(per_group, n - t0), k, alpha, beta, y + t0 * ldy, ldy,
-               carry.data());
+               carry);
 }
 
 // ---- few rows times a wide matrix: C = beta C + alpha A B, A [m, k] with m small ----
