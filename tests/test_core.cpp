@@ -358,29 +358,41 @@ TEST_CASE("for_each_rank visits the ranks in order at compile time", "[rank]") {
 #include <omp.h>
 #endif
 
-TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forward][threads]", float, double) {
-  // W has >= 2^18 elements and an odd row count, so the OpenMP row split runs
-  // (when built with OpenMP) with uneven slices; n crosses the split limit.
+namespace {
+// A rank-r layer [out, in] on two OpenMP threads, and for each token count n
+// its inputs X and the reference forward, handed to check(layer, X, ref).
+template <class T, class F>
+void for_token_counts(index_t out, index_t in, index_t r, std::uint64_t seed, std::initializer_list<index_t> ns,
+                      F&& check) {
 #ifdef _OPENMP
   omp_set_num_threads(2);
 #endif
-  using T = TestType;
-  const index_t out = 701, in = 389;
   lora::RowMatrix<T> W(out, in);
-  fill(W, 21);
-  lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 5, {.alpha = 10}}};
-  layer.delta().init(lora::init::uniform_both{}, 22);
-  for (index_t n : {1, 2, 3, 6, 7, 64, 65, 131}) {  // 131: past the skinny kernel, Eigen's GEMM
+  fill(W, seed);
+  lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, r, {.alpha = 2.0 * double(r)}}};
+  layer.delta().init(lora::init::uniform_both{}, seed + 1);
+  for (index_t n : ns) {
     CAPTURE(n);
     lora::RowMatrix<T> X(n, in);
-    fill(X, 23 + n);
-    const auto ref = reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, nullptr);
-    check_against<T>(layer.forward(X), ref, in + 5);
-    if (n == 1) {
-      const Eigen::Matrix<T, Eigen::Dynamic, 1> x = X.row(0).transpose();
-      check_against<T>(layer.forward(x).transpose(), ref, in + 5);
-    }
+    fill(X, seed + 2 + n);
+    check(layer, X, reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, nullptr));
   }
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("row-split (threaded) products match the reference", "[forward][threads]", float, double) {
+  // W has >= 2^18 elements and an odd row count, so the OpenMP row split runs
+  // (when built with OpenMP) with uneven slices; n crosses the split limit.
+  using T = TestType;
+  const index_t in = 389, r = 5;
+  // 131: past the skinny kernel, Eigen's GEMM
+  for_token_counts<T>(701, in, r, 21, {1, 2, 3, 6, 7, 64, 65, 131}, [&](const auto& layer, const auto& X, const auto& ref) {
+    check_against<T>(layer.forward(X), ref, in + r);
+    if (X.rows() == 1) {
+      const Eigen::Matrix<T, Eigen::Dynamic, 1> x = X.row(0).transpose();
+      check_against<T>(layer.forward(x).transpose(), ref, in + r);
+    }
+  });
 }
 
 TEMPLATE_TEST_CASE("skinny products with the depth in several chunks match the reference", "[forward][threads]",
@@ -389,26 +401,17 @@ TEMPLATE_TEST_CASE("skinny products with the depth in several chunks match the r
   // a 12-element tail that is not a whole vector; out = 251: row blocks of 6,
   // then 4, then single rows, split unevenly across threads (W >= 2^18
   // elements); n covers whole 4-token blocks, every tail, n = 2's 8-row path
-  // and uneven token groups.
-#ifdef _OPENMP
-  omp_set_num_threads(2);
-#endif
+  // and uneven token groups (65..128: two groups).
   using T = TestType;
-  const index_t out = 251, in = 1100;
-  lora::RowMatrix<T> W(out, in);
-  fill(W, 31);
-  lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, 3, {.alpha = 6}}};
-  layer.delta().init(lora::init::uniform_both{}, 32);
-  for (index_t n : {2, 3, 4, 5, 6, 7, 17, 64, 65, 101, 128}) {  // 65..128: two token groups
-    CAPTURE(n);
-    lora::RowMatrix<T> X(n, in);
-    fill(X, 33 + n);
-    const auto ref = reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, nullptr);
-    check_against<T>(layer.forward(X), ref, in + 3);
-    lora::RowMatrix<T> Y = lora::RowMatrix<T>::Constant(n, out, std::numeric_limits<T>::quiet_NaN());
-    layer.forward(X, Y);  // beta = 0 must not read Y
-    check_against<T>(Y, ref, in + 3);
-  }
+  const index_t in = 1100, r = 3;
+  for_token_counts<T>(251, in, r, 31, {2, 3, 4, 5, 6, 7, 17, 64, 65, 101, 128},
+                      [&](const auto& layer, const auto& X, const auto& ref) {
+                        check_against<T>(layer.forward(X), ref, in + r);
+                        lora::RowMatrix<T> Y =
+                            lora::RowMatrix<T>::Constant(X.rows(), layer.out_features(), std::numeric_limits<T>::quiet_NaN());
+                        layer.forward(X, Y);  // beta = 0 must not read Y
+                        check_against<T>(Y, ref, in + r);
+                      });
 }
 
 TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the reference", "[backward][threads]",

@@ -106,7 +106,8 @@ void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, inde
   const index_t kv = k - k % simd<T>::width;  // whole vectors; the rest in finish()
   const index_t blocks = n / TB, tail = n % TB, j_tail = blocks * TB;
   T* carry_tail = carry + blocks * block_floats;
-  for (index_t p0 = 0; p0 < kv; p0 += depth_chunk) {
+  // At least one pass, so a depth below one vector still zeroes the carry.
+  for (index_t p0 = 0; p0 == 0 || p0 < kv; p0 += depth_chunk) {
     const index_t p1 = std::min(p0 + depth_chunk, kv);
     const bool first = p0 == 0;
     for (index_t b = 0; b < blocks; ++b)
@@ -118,7 +119,6 @@ void row_block(const T* w, index_t ldw, const T* x, index_t ldx, index_t n, inde
       default: break;
     }
   }
-  if (kv == 0) std::fill(carry, carry + (blocks + 1) * block_floats, T(0));
   for (index_t b = 0; b < blocks; ++b)
     finish<RB, TB>(w, ldw, x + b * TB * ldx, ldx, kv, k, carry + b * block_floats, alpha, beta, y + b * TB * ldy,
                    ldy);
