@@ -19,6 +19,7 @@
 #include <limits>
 #include <optional>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 // The AVX-512 kernels are compiled when the target has AVX-512 (-march=native on
@@ -761,12 +762,21 @@ inline void gemv_rows(const NF4Matrix& W, index_t r0, index_t nr, const float* x
   }
 }
 
-using dense_ref = Eigen::Ref<NF4Matrix::dense_matrix>;
-using const_dense_ref = Eigen::Ref<const NF4Matrix::dense_matrix>;
+// The products below are templates on the scalar (only float exists) so
+// that their Eigen products are compiled where they are used, not by every TU
+// that includes <lora/lora.hpp>: a non-template inline function's body is
+// instantiated even when nothing calls it (1.3 s of compile time here).
+template <class T>
+using dense_t = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T = float>
+using dense_ref = Eigen::Ref<dense_t<T>>;
+template <class T = float>
+using const_dense_ref = Eigen::Ref<const dense_t<T>>;
 
 // Y [n, nr] = beta Y + alpha X W[r0:r0+nr]^T.
-inline void gemm_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_dense_ref& X, dense_ref Y,
-                      float alpha, float beta) {
+template <class T>
+void gemm_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_dense_ref<T>& X, dense_ref<T> Y, T alpha,
+               T beta) {
   const index_t n = X.rows();
   const index_t in = W.cols();
   if (n == 0 || nr == 0) return;
@@ -791,14 +801,15 @@ inline void gemm_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_de
     const index_t tr = std::min(tile_rows, nr - off);
     float* tile = scratch(tbuf, tr * in);
     W.dequantize_rows(r0 + off, tr, tile);
-    const Eigen::Map<const NF4Matrix::dense_matrix> Wt(tile, tr, in);  // (tr, in)
-    Y.middleCols(off, tr).noalias() += alpha * X * Wt.transpose();     // (n, tr)
+    const Eigen::Map<const dense_t<T>> Wt(tile, tr, in);            // (tr, in)
+    Y.middleCols(off, tr).noalias() += alpha * X * Wt.transpose();  // (n, tr)
   }
 }
 
 // dX [n, in] = beta dX + alpha G W[r0:r0+nr], G [n, nr].
-inline void gemm_transposed_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_dense_ref& G,
-                                 dense_ref dX, float alpha, float beta) {
+template <class T>
+void gemm_transposed_rows(const NF4Matrix& W, index_t r0, index_t nr, const const_dense_ref<T>& G, dense_ref<T> dX,
+                          T alpha, T beta) {
   if (beta == 0.0f)
     dX.setZero();
   else if (beta != 1.0f)
@@ -811,8 +822,8 @@ inline void gemm_transposed_rows(const NF4Matrix& W, index_t r0, index_t nr, con
   for (index_t off = 0; off < nr; off += tile_rows) {
     const index_t tr = std::min(tile_rows, nr - off);
     W.dequantize_rows(r0 + off, tr, tile);
-    const Eigen::Map<const NF4Matrix::dense_matrix> Wt(tile, tr, in);  // (tr, in)
-    dX.noalias() += alpha * G.middleCols(off, tr) * Wt;                // (n, in)
+    const Eigen::Map<const dense_t<T>> Wt(tile, tr, in);  // (tr, in)
+    dX.noalias() += alpha * G.middleCols(off, tr) * Wt;   // (n, in)
   }
 }
 
@@ -832,8 +843,10 @@ inline void nf4_gemv(const NF4Matrix& W, std::span<const float> x, std::span<flo
 }
 
 /// Eigen vectors: y = beta * y + alpha * W x.
-inline void nf4_gemv(const NF4Matrix& W, const Eigen::Ref<const Eigen::VectorXf>& x, Eigen::Ref<Eigen::VectorXf> y,
-                     float alpha = 1.0f, float beta = 0.0f) {
+template <class T = float>  // a template only to defer compiling it (see detail::nf4k::dense_t)
+void nf4_gemv(const NF4Matrix& W, const std::type_identity_t<Eigen::Ref<const Eigen::Matrix<T, Eigen::Dynamic, 1>>>& x,
+              std::type_identity_t<Eigen::Ref<Eigen::Matrix<T, Eigen::Dynamic, 1>>> y, float alpha = 1.0f,
+              float beta = 0.0f) {
   nf4_gemv(W, std::span<const float>(x.data(), std::size_t(x.size())),
            std::span<float>(y.data(), std::size_t(y.size())), alpha, beta);
 }
@@ -842,29 +855,32 @@ inline void nf4_gemv(const NF4Matrix& W, const Eigen::Ref<const Eigen::VectorXf>
 /// row-major (each token contiguous). A tile of W's rows at a time is dequantised
 /// into a per-thread buffer (1 MiB, 4 MiB above 32 tokens) and multiplied with Eigen; n == 1 goes
 /// to nf4_gemv. beta == 0 overwrites Y. Throws shape_error on a size mismatch.
-inline void nf4_gemm(const NF4Matrix& W, const Eigen::Ref<const NF4Matrix::dense_matrix>& X,
-                     Eigen::Ref<NF4Matrix::dense_matrix> Y, float alpha = 1.0f, float beta = 0.0f) {
+template <class T = float>  // a template only to defer compiling it (see detail::nf4k::dense_t)
+void nf4_gemm(const NF4Matrix& W, const std::type_identity_t<detail::nf4k::const_dense_ref<T>>& X,
+              std::type_identity_t<detail::nf4k::dense_ref<T>> Y, float alpha = 1.0f, float beta = 0.0f) {
   if (X.cols() != W.cols())
     lora::detail::raise<shape_error>("nf4_gemm: X has ", X.cols(), " columns, expected W.cols() = ", W.cols());
   if (Y.rows() != X.rows() || Y.cols() != W.rows())
     lora::detail::raise<shape_error>("nf4_gemm: Y is ", Y.rows(), " x ", Y.cols(), ", expected ", X.rows(),
                                      " x ", W.rows(), " (X.rows() x W.rows())");
-  detail::nf4k::gemm_rows(W, 0, W.rows(), X, Y, alpha, beta);
+  detail::nf4k::gemm_rows<T>(W, 0, W.rows(), X, Y, alpha, beta);
 }
 
 /// dX = beta * dX + alpha * G W, the product the backward pass needs through a
 /// frozen NF4 base: G [n, out] and dX [n, in], both row-major. Same row tiles as
 /// nf4_gemm; the tiles run in order (each adds into all of dX), Eigen may thread
 /// the products. beta == 0 overwrites dX. Throws shape_error on a size mismatch.
-inline void nf4_gemm_transposed(const NF4Matrix& W, const Eigen::Ref<const NF4Matrix::dense_matrix>& G,
-                                Eigen::Ref<NF4Matrix::dense_matrix> dX, float alpha = 1.0f, float beta = 0.0f) {
+template <class T = float>  // a template only to defer compiling it (see detail::nf4k::dense_t)
+void nf4_gemm_transposed(const NF4Matrix& W, const std::type_identity_t<detail::nf4k::const_dense_ref<T>>& G,
+                         std::type_identity_t<detail::nf4k::dense_ref<T>> dX, float alpha = 1.0f,
+                         float beta = 0.0f) {
   if (G.cols() != W.rows())
     lora::detail::raise<shape_error>("nf4_gemm_transposed: G has ", G.cols(), " columns, expected W.rows() = ",
                                      W.rows());
   if (dX.rows() != G.rows() || dX.cols() != W.cols())
     lora::detail::raise<shape_error>("nf4_gemm_transposed: dX is ", dX.rows(), " x ", dX.cols(), ", expected ",
                                      G.rows(), " x ", W.cols(), " (G.rows() x W.cols())");
-  detail::nf4k::gemm_transposed_rows(W, 0, W.rows(), G, dX, alpha, beta);
+  detail::nf4k::gemm_transposed_rows<T>(W, 0, W.rows(), G, dX, alpha, beta);
 }
 
 }  // namespace lora

@@ -39,12 +39,12 @@ struct quantized_traits<NF4Matrix> {
   /// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T.
   template <class X, class Y>
   static void gemm_nt(const NF4Matrix& q, index_t r0, index_t nr, float alpha, const X& x, float beta, Y& y) {
-    with_row_major(y, [&](auto&& out) { detail::nf4k::gemm_rows(q, r0, nr, x, out, alpha, beta); });
+    with_row_major(y, [&](auto&& out) { detail::nf4k::gemm_rows<float>(q, r0, nr, x, out, alpha, beta); });
   }
   /// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr], G [n, nr].
   template <class G, class DX>
   static void gemm_nn(const NF4Matrix& q, index_t r0, index_t nr, float alpha, const G& g, float beta, DX& dx) {
-    with_row_major(dx, [&](auto&& out) { detail::nf4k::gemm_transposed_rows(q, r0, nr, g, out, alpha, beta); });
+    with_row_major(dx, [&](auto&& out) { detail::nf4k::gemm_transposed_rows<float>(q, r0, nr, g, out, alpha, beta); });
   }
   /// D [nr, in] = beta D + alpha W[r0 : r0 + nr], a tile of rows at a time.
   template <class D>
@@ -67,11 +67,11 @@ struct quantized_traits<NF4Matrix> {
   // destination (a column-major Eigen matrix) goes through a row-major copy.
   template <class M, class F>
   static void with_row_major(M& m, F&& f) {
-    if constexpr (std::is_constructible_v<detail::nf4k::dense_ref, M&>) {
-      f(detail::nf4k::dense_ref(m));
+    if constexpr (std::is_constructible_v<detail::nf4k::dense_ref<>, M&>) {
+      f(detail::nf4k::dense_ref<>(m));
     } else {
       NF4Matrix::dense_matrix tmp = m;
-      f(detail::nf4k::dense_ref(tmp));
+      f(detail::nf4k::dense_ref<>(tmp));
       m = tmp;
     }
   }

@@ -17,61 +17,9 @@
 #include "../../detail/random.hpp"
 #include "../../error.hpp"
 #include "../traits.hpp"
-#include "blas.hpp"
-#include "skinny.hpp"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-// Products with at most this many tokens (rows of X) split W's rows across
-// OpenMP threads themselves: each thread streams its own slice of W through a
-// single-threaded Eigen kernel, with no packing barrier. Eigen's own threading
-// only pays off for wide GEMMs (and never for GEMV). 0 disables the split.
-#ifndef LORA_EIGEN_ROW_SPLIT_MAX_TOKENS
-#define LORA_EIGEN_ROW_SPLIT_MAX_TOKENS 64
-#endif
-// ... and only when W has at least this many elements (smaller products do
-// not amortise the parallel region).
-#ifndef LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS
-#define LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS (1 << 18)
-#endif
-// Token counts served by the register-blocked skinny kernel (skinny.hpp), and
-// the shortest dot product (in) worth it: the adapter's expand step, whose
-// depth is r, stays with Eigen.
-#ifndef LORA_EIGEN_SKINNY_MIN_TOKENS
-#define LORA_EIGEN_SKINNY_MIN_TOKENS 2
-#endif
-// 4096^2, 2 threads (Eigen GEMM / skinny): n = 64 12.6 / 9.1 ms, 96 17.3 /
-// 14.5, 128 20.6 / 18.1, 192 33.6 / 30.4 (noisy), 256 37.6 / 38.5.
-#ifndef LORA_EIGEN_SKINNY_MAX_TOKENS
-#define LORA_EIGEN_SKINNY_MAX_TOKENS 128
-#endif
-#ifndef LORA_EIGEN_SKINNY_MIN_DEPTH
-#define LORA_EIGEN_SKINNY_MIN_DEPTH 256
-#endif
-
-// Products C = A B where A has at most this many rows (backward's dX = G W for
-// few tokens) use the panel kernel (skinny.hpp); above it Eigen's GEMM was as
-// fast or faster (4096^2, 2 threads: 1-8 rows 1.7-5x faster, 16 rows 1.5x,
-// 32 equal, 64 Eigen 12 % faster). 0 disables it.
-#ifndef LORA_EIGEN_PANEL_MAX_ROWS
-#define LORA_EIGEN_PANEL_MAX_ROWS 32
-#endif
+#include "products.hpp"
 
 namespace lora {
-
-namespace detail {
-// Eigen rejects RowMajor for a single column (and ColMajor for a single row);
-// the bytes are the same either way, so pick whichever Eigen accepts.
-constexpr int eigen_row_major_options(int rows, int cols) {
-  return (cols == 1 && rows != 1) ? Eigen::ColMajor : Eigen::RowMajor;
-}
-}  // namespace detail
-
-/// Row-major dynamic matrix: PyTorch / PEFT / safetensors byte layout.
-template <class T, int Rows = dynamic, int Cols = dynamic>
-using RowMatrix = Eigen::Matrix<T, Rows, Cols, detail::eigen_row_major_options(Rows, Cols)>;
 
 /// The Eigen (CPU) backend: storage types and the primitives the evaluators use.
 /// Every primitive follows BLAS's alpha/beta convention; beta == 0 overwrites the
@@ -109,61 +57,23 @@ struct eigen_backend {
   /// Y = beta Y + alpha X W^T  (X [n, k], W [m, k], Y [n, m])
   template <class T, class X, class W, class Y>
   static void gemm_nt(T alpha, const X& x, const W& w, T beta, Y&& y) {
-    using XT = std::remove_cvref_t<X>;
-    using WT = std::remove_cvref_t<W>;
-    using YT = std::remove_cvref_t<Y>;
-    const index_t n = x.rows();
-    if constexpr (std::is_same_v<typename XT::Scalar, T> && std::is_same_v<typename WT::Scalar, T> &&
-                  detail::skinny::row_major_direct_v<XT> && detail::skinny::row_major_direct_v<WT> &&
-                  detail::skinny::row_major_direct_v<YT>) {
-      if (n >= LORA_EIGEN_SKINNY_MIN_TOKENS && n <= LORA_EIGEN_SKINNY_MAX_TOKENS &&
-          x.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH && x.innerStride() == 1 && w.innerStride() == 1 &&
-          y.innerStride() == 1) {
-        for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
-          detail::skinny::rows(w.data(), w.outerStride(), begin, end, x.data(), x.outerStride(), n, x.cols(),
-                               alpha, beta, y.data(), y.outerStride());
-        });
-        return;
-      }
-    }
-    if (n <= LORA_EIGEN_ROW_SPLIT_MAX_TOKENS) {
-      for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
-        auto y_slice = y.middleCols(begin, end - begin);                                   // (n, slice)
-        gemm_impl(alpha, x, w.middleRows(begin, end - begin).transpose(), beta, y_slice);  // (slice, in)^T
-      });
-      return;
-    }
-    gemm_impl(alpha, x, w.transpose(), beta, y);
+    product<&detail::eigen::product_kernels<T>::gemm_nt>(alpha, x, w, beta, y, [](T al, const X& l, const W& r, T be, auto& d) {
+      detail::eigen::gemm_eigen(al, l, r.transpose(), be, d);
+    });
   }
   /// C = beta C + alpha A B  (A [m, k], B [k, n])
   template <class T, class A, class B, class C>
   static void gemm_nn(T alpha, const A& a, const B& b, T beta, C&& c) {
-    using AT = std::remove_cvref_t<A>;
-    using BT = std::remove_cvref_t<B>;
-    using CT = std::remove_cvref_t<C>;
-    if constexpr (std::is_same_v<typename AT::Scalar, T> && std::is_same_v<typename BT::Scalar, T> &&
-                  detail::skinny::row_major_direct_v<AT> && detail::skinny::row_major_direct_v<BT> &&
-                  detail::skinny::row_major_direct_v<CT>) {
-      // A few rows of A times a wide B (backward's dX = G W): C's columns split
-      // across threads, a register-blocked panel kernel in each (skinny.hpp).
-      const index_t m = a.rows();
-      // (A narrow C, such as G B [n, r], stays with Eigen.)
-      if (m >= 1 && m <= LORA_EIGEN_PANEL_MAX_ROWS && a.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH &&
-          c.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH && a.innerStride() == 1 && b.innerStride() == 1 &&
-          c.innerStride() == 1) {
-        for_row_slices(c.cols(), b.size(), [&](index_t begin, index_t end) {
-          detail::skinny::columns(a.data(), a.outerStride(), b.data(), b.outerStride(), m, a.cols(), alpha, beta,
-                                  c.data(), c.outerStride(), begin, end);
-        });
-        return;
-      }
-    }
-    gemm_impl(alpha, a, b, beta, c);
+    product<&detail::eigen::product_kernels<T>::gemm_nn>(alpha, a, b, beta, c, [](T al, const A& l, const B& r, T be, auto& d) {
+      detail::eigen::gemm_eigen(al, l, r, be, d);
+    });
   }
   /// C = beta C + alpha A^T B  (A [k, m], B [k, n])
   template <class T, class A, class B, class C>
   static void gemm_tn(T alpha, const A& a, const B& b, T beta, C&& c) {
-    gemm_impl(alpha, a.transpose(), b, beta, c);
+    product<&detail::eigen::product_kernels<T>::gemm_tn>(alpha, a, b, beta, c, [](T al, const A& l, const B& r, T be, auto& d) {
+      detail::eigen::gemm_eigen(al, l.transpose(), r, be, d);
+    });
   }
 
   /// Y = beta Y + alpha X (same shapes)
@@ -328,36 +238,27 @@ struct eigen_backend {
   }
 
  private:
-  /// f(begin, end) over contiguous slices of [0, rows): one slice per OpenMP
-  /// thread when the operand is large enough to amortise a parallel region and
-  /// we are not already inside one; else one call over everything.
-  template <class F>
-  static void for_row_slices(index_t rows, index_t elements, F&& f) {
-#ifdef _OPENMP
-    if (elements >= LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel
-      {
-        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const index_t begin = rows * t / nt, end = rows * (t + 1) / nt;
-        if (end > begin) f(begin, end);
+  /// Every product goes to product_kernels<T> over canonical views (compiled
+  /// once per T, whatever the operands' static extents); operands no view can
+  /// address (column-major, strided columns) take one generic Eigen product.
+  template <auto Kernel, class T, class L, class R, class D, class Generic>
+  static void product(T alpha, const L& l, const R& r, T beta, D& d, Generic generic) {
+    namespace de = detail::eigen;
+    using LT = std::remove_cvref_t<L>;
+    using RT = std::remove_cvref_t<R>;
+    using DT = std::remove_cvref_t<D>;
+    if constexpr (de::viewable_v<LT, T> && de::viewable_v<RT, T> && de::viewable_v<DT, T>) {
+      if (de::fits_view(l) && de::fits_view(r) && de::fits_view(d)) {
+        Kernel(alpha, de::view<T>(l), de::view<T>(r), beta, de::view_mut<T>(d));
+      } else {  // a Map with an inner stride: through contiguous copies, same kernel
+        const RowMatrix<T> lc = l, rc = r;
+        RowMatrix<T> dc(d.rows(), d.cols());
+        if (beta != T(0)) dc = d;
+        Kernel(alpha, de::view<T>(lc), de::view<T>(rc), beta, de::view_mut<T>(dc));
+        d = dc;
       }
-      return;
-    }
-#endif
-    (void)elements;
-    f(index_t(0), rows);
-  }
-
-  template <class T, class A, class B, class C>
-  static void gemm_impl(T alpha, const A& a, const B& b, T beta, C& c) {
-#ifdef LORA_USE_OPENBLAS
-    if (detail::blas::try_gemm(alpha, a, b, beta, c)) return;
-#endif
-    if (beta == T(0)) {
-      c.noalias() = alpha * a * b;
     } else {
-      if (beta != T(1)) c *= beta;
-      c.noalias() += alpha * a * b;
+      generic(alpha, l, r, beta, d);
     }
   }
 };

@@ -1,0 +1,198 @@
+// backend/eigen/products.hpp: the three products of the Eigen backend, written
+// once per scalar type over canonical views.
+//
+// Why canonical views: every distinct operand type (a static-rank
+// Matrix<float, 8, Dynamic>, a Map of the workspace, a Block of W) used to
+// instantiate Eigen's GEMM/GEMV machinery again, ~9 s of compile time per
+// static rank. Here every row-major operand with unit column stride is seen as
+// the same Map<const RowMatrix<T>, OuterStride<>>, so a TU that sweeps eight
+// static ranks instantiates the products once per T. The rank-specific code is
+// what stays in the evaluators: the small [n, r] loops and the shapes.
+//
+// LORA_EXTERN_TEMPLATES (config.hpp) declares product_kernels<float> and
+// <double> extern, so a TU does not compile them at all; one TU of the
+// program defines LORA_INSTANTIATE_TEMPLATES too and holds them.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> instead of lora/backend/eigen/products.hpp."
+#endif
+
+#include <Eigen/Core>
+#include <type_traits>
+
+#include "../../config.hpp"
+#include "blas.hpp"
+#include "skinny.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lora {
+
+namespace detail {
+// Eigen rejects RowMajor for a single column (and ColMajor for a single row);
+// the bytes are the same either way, so pick whichever Eigen accepts.
+constexpr int eigen_row_major_options(int rows, int cols) {
+  return (cols == 1 && rows != 1) ? Eigen::ColMajor : Eigen::RowMajor;
+}
+}  // namespace detail
+
+/// Row-major dynamic matrix: PyTorch / PEFT / safetensors byte layout.
+template <class T, int Rows = dynamic, int Cols = dynamic>
+using RowMatrix = Eigen::Matrix<T, Rows, Cols, detail::eigen_row_major_options(Rows, Cols)>;
+
+namespace detail::eigen {
+
+/// The one operand type of the products: a row-major [rows, cols] view with
+/// unit column stride and any row stride.
+template <class T>
+using const_view = Eigen::Map<const RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <class T>
+using mut_view = Eigen::Map<RowMatrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// Operands a canonical view can address (Matrix, Map, Block, the transpose of
+/// a vector, ...; not a column-major matrix) with scalar T.
+template <class M, class T>
+inline constexpr bool viewable_v =
+    std::is_same_v<typename M::Scalar, T> && (int(M::Flags) & Eigen::DirectAccessBit) != 0 &&
+    ((int(M::Flags) & Eigen::RowMajorBit) != 0 || M::ColsAtCompileTime == 1 || M::RowsAtCompileTime == 1);
+
+/// Whether this operand's layout fits a view at run time: a unit step between
+/// the columns of a row (only a Map with an inner stride lacks it).
+template <class M>
+bool fits_view(const M& m) {
+  return m.cols() <= 1 || m.rows() == 0 || m.colStride() == 1;
+}
+
+/// The row stride of a fitting operand (one row: any value >= cols).
+template <class M>
+index_t row_stride(const M& m) {
+  return m.rows() <= 1 ? (m.cols() > 0 ? m.cols() : index_t(1)) : m.rowStride();
+}
+
+template <class T, class M>
+const_view<T> view(const M& m) {
+  return const_view<T>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(row_stride(m)));
+}
+template <class T, class M>
+mut_view<T> view_mut(M& m) {
+  return mut_view<T>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(row_stride(m)));
+}
+
+/// Rows [begin, end) of a view, as a view (not a Block: one operand type).
+template <class V>
+V rows_of(V v, index_t begin, index_t end) {
+  return V(v.data() + begin * v.outerStride(), end - begin, v.cols(), Eigen::OuterStride<>(v.outerStride()));
+}
+/// Columns [begin, end) of a view, as a view.
+template <class V>
+V cols_of(V v, index_t begin, index_t end) {
+  return V(v.data() + begin, v.rows(), end - begin, Eigen::OuterStride<>(v.outerStride()));
+}
+
+/// f(begin, end) over contiguous slices of [0, rows): one slice per OpenMP
+/// thread when the operand is large enough to amortise a parallel region and
+/// we are not already inside one; else one call over everything.
+template <class F>
+void for_row_slices(index_t rows, index_t elements, F&& f) {
+#ifdef _OPENMP
+  if (elements >= LORA_EIGEN_ROW_SPLIT_MIN_ELEMENTS && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+    {
+      const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const index_t begin = rows * t / nt, end = rows * (t + 1) / nt;
+      if (end > begin) f(begin, end);
+    }
+    return;
+  }
+#endif
+  (void)elements;
+  f(index_t(0), rows);
+}
+
+/// c = beta c + alpha (a b), one Eigen product statement (OpenBLAS first when
+/// lora::blas is linked and takes the shape). Also the generic path for
+/// operands no view can address.
+template <class T, class A, class B, class C>
+void gemm_eigen(T alpha, const A& a, const B& b, T beta, C&& c) {
+#ifdef LORA_USE_OPENBLAS
+  if (blas::try_gemm(alpha, a, b, beta, c)) return;
+#endif
+  if (beta == T(0)) {
+    c.noalias() = alpha * a * b;
+  } else {
+    if (beta != T(1)) c *= beta;
+    c.noalias() += alpha * a * b;
+  }
+}
+
+/// The products over canonical views, once per scalar type.
+template <class T>
+struct product_kernels {
+  using cv = const_view<T>;
+  using mv = mut_view<T>;
+  /// y = beta y + alpha x w^T  (x [n, k], w [m, k], y [n, m])
+  static void gemm_nt(T alpha, cv x, cv w, T beta, mv y);
+  /// c = beta c + alpha a b  (a [m, k], b [k, n])
+  static void gemm_nn(T alpha, cv a, cv b, T beta, mv c);
+  /// c = beta c + alpha a^T b  (a [k, m], b [k, n])
+  static void gemm_tn(T alpha, cv a, cv b, T beta, mv c);
+};
+
+// Defined outside the class (not implicitly inline), so an extern template
+// declaration keeps a TU from instantiating them.
+template <class T>
+void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
+  const index_t n = x.rows(), k = x.cols();
+  if (n >= LORA_EIGEN_SKINNY_MIN_TOKENS && n <= LORA_EIGEN_SKINNY_MAX_TOKENS && k >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
+    for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
+      skinny::rows(w.data(), w.outerStride(), begin, end, x.data(), x.outerStride(), n, k, alpha, beta, y.data(),
+                   y.outerStride());
+    });
+    return;
+  }
+  if (n <= LORA_EIGEN_ROW_SPLIT_MAX_TOKENS) {
+    // Each thread streams its own slice of W's rows through a single-threaded
+    // Eigen kernel, with no packing barrier.
+    for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
+      gemm_eigen(alpha, x, rows_of(w, begin, end).transpose(), beta, cols_of(y, begin, end));  // (n, slice)
+    });
+    return;
+  }
+  gemm_eigen(alpha, x, w.transpose(), beta, y);  // (n, m) = (n, k) (m, k)^T
+}
+
+template <class T>
+void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
+  const index_t m = a.rows();
+  // A few rows of a times a wide b (backward's dX = G W): c's columns split
+  // across threads, a register-blocked panel kernel in each. (A narrow c,
+  // such as G B [n, r], stays with Eigen.)
+  if (m >= 1 && m <= LORA_EIGEN_PANEL_MAX_ROWS && a.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH &&
+      c.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
+    for_row_slices(c.cols(), b.size(), [&](index_t begin, index_t end) {
+      skinny::columns(a.data(), a.outerStride(), b.data(), b.outerStride(), m, a.cols(), alpha, beta, c.data(),
+                      c.outerStride(), begin, end);
+    });
+    return;
+  }
+  gemm_eigen(alpha, a, b, beta, c);
+}
+
+template <class T>
+void product_kernels<T>::gemm_tn(T alpha, cv a, cv b, T beta, mv c) {
+  gemm_eigen(alpha, a.transpose(), b, beta, c);
+}
+
+#if defined(LORA_EXTERN_TEMPLATES) && !defined(LORA_INSTANTIATE_TEMPLATES)
+extern template struct product_kernels<float>;
+extern template struct product_kernels<double>;
+#elif defined(LORA_INSTANTIATE_TEMPLATES)
+template struct product_kernels<float>;
+template struct product_kernels<double>;
+#endif
+
+}  // namespace detail::eigen
+}  // namespace lora
