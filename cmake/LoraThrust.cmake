@@ -15,7 +15,8 @@
 #   LORA_CCCL_INCLUDE_DIR       the directory holding thrust/ (found from the CUDA
 #                               toolkit: <cuda>/include/cccl since CUDA 13)
 #   LORA_BUILD_GPU_BENCH        build bench/gpu/bench_gpu.cu (needs CUDA)
-# CMAKE_CUDA_ARCHITECTURES defaults to "80;90" (A100, H100/H200).
+# CMAKE_CUDA_ARCHITECTURES defaults to "80;90" (A100, H100/H200), or to the
+# CUDAARCHS environment variable when set.
 
 option(LORA_ENABLE_CUDA "Build the CUDA targets (nvcc, cuBLAS) when a CUDA compiler is found" ${PROJECT_IS_TOP_LEVEL})
 option(LORA_BUILD_GPU_BENCH "Build the GPU benchmark bench/gpu/bench_gpu.cu (needs CUDA)" OFF)
@@ -48,7 +49,8 @@ if(LORA_ENABLE_CUDA)
   endif()
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
-    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    # CMake's own CUDAARCHS environment variable wins (CI compiles sm_90 only).
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
       set(CMAKE_CUDA_ARCHITECTURES 80 90 CACHE STRING "CUDA architectures (sm_80 and sm_90 by default)")
     endif()
     enable_language(CUDA)

@@ -453,3 +453,64 @@ TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the ref
     }
   }
 }
+
+// ---- the backend concept: optional pieces fall back to required ones ------------
+
+namespace {
+// The Eigen backend with every optional piece hidden, so backend_ops<> takes
+// the fallbacks (built from gemm, fill, to_host...).
+struct minimal_backend : lora::eigen_backend {
+  template <class... Args>
+  static void copy(Args&&...) = delete;
+  template <class... Args>
+  static void add_to_rows(Args&&...) = delete;
+  template <class... Args>
+  static void sum_rows(Args&&...) = delete;
+  template <class M>
+  static index_t first_non_finite(const M&) = delete;
+  using lora::eigen_backend::first_non_finite;  // the pointer form is required
+  template <class... Args>
+  static void fill_random(Args&&...) = delete;
+};
+static_assert(lora::Backend<lora::eigen_backend, float> && lora::Backend<lora::eigen_backend, double>);
+static_assert(lora::Backend<minimal_backend, float>, "only optional pieces are missing");
+template <class B>
+constexpr bool has_own_pieces = requires(lora::RowMatrix<float>& m, Eigen::VectorXf& v) {
+  B::fill_random(m, lora::uniform_dist{}, 1u, 1u);
+  B::add_to_rows(1.0f, v, m);
+  B::sum_rows(1.0f, m, 0.0f, v);
+  B::copy(m, m);
+  { B::first_non_finite(m) } -> std::same_as<index_t>;
+};
+static_assert(has_own_pieces<lora::eigen_backend> && !has_own_pieces<minimal_backend>);
+}  // namespace
+
+TEMPLATE_TEST_CASE("backend_ops: the fallbacks of optional pieces equal the Eigen backend's own", "[backend]", float,
+                   double) {
+  using T = TestType;
+  using full = lora::backend_ops<lora::eigen_backend>;
+  using minimal = lora::backend_ops<minimal_backend>;
+  const index_t n = 5, out = 7;
+  lora::RowMatrix<T> a(n, out), b(n, out);
+  full::fill_random(a, lora::uniform_dist{-1.0, 1.0}, 3, 4);
+  minimal::fill_random(b, lora::uniform_dist{-1.0, 1.0}, 3, 4);
+  CHECK(a == b);  // the same counter-based draws, bit for bit
+  lora::RowMatrix<T> c(n, out);
+  minimal::copy(a, c);
+  CHECK(c == a);
+  Eigen::Matrix<T, Eigen::Dynamic, 1> bias(out), db_full(out), db_min(out);
+  fill(bias, 8);
+  lora::RowMatrix<T> y1 = a, y2 = a;
+  full::add_to_rows(T(0.5), bias, y1);
+  minimal::add_to_rows(T(0.5), bias, y2);
+  CHECK((y1 - y2).cwiseAbs().maxCoeff() <= 2 * std::numeric_limits<T>::epsilon());
+  db_full.setConstant(1);
+  db_min.setConstant(1);
+  full::sum_rows(T(2), a, T(3), db_full);
+  minimal::sum_rows(T(2), a, T(3), db_min);
+  CHECK((db_full - db_min).cwiseAbs().maxCoeff() <= 16 * std::numeric_limits<T>::epsilon());
+  CHECK(minimal::first_non_finite(a) == -1);
+  a(3, 2) = std::numeric_limits<T>::infinity();
+  CHECK(minimal::first_non_finite(a) == 3 * out + 2);
+  CHECK(full::first_non_finite(a) == 3 * out + 2);
+}

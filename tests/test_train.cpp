@@ -540,3 +540,140 @@ TEST_CASE("the same seed gives bit-identical training", "[training][determinism]
   CHECK(a.A == b.A);
   CHECK(a.B == b.B);
 }
+
+// ---- the Adapter concept: a second model plugs in without a core change --------
+
+namespace {
+
+// LoRA-FA (Zhang et al. 2023): A is a frozen random projection, only B trains.
+// Everything here is the concept's contract (lora/adapter.hpp); nothing in the
+// layer, lora::train or the optimizers knows this type.
+template <class T>
+class FrozenADelta {
+ public:
+  using scalar = T;
+  using backend = lora::eigen_backend;
+  static constexpr int rank_at_compile_time = lora::dynamic;
+  struct gradients {
+    lora::RowMatrix<T> db;  // (out, r): no dA, A does not train
+    void zero() { db.setZero(); }
+  };
+
+  FrozenADelta(lora::RowMatrix<T> b, lora::RowMatrix<T> a, T s) : b_(std::move(b)), a_(std::move(a)), s_(s) {}
+
+  index_t in_features() const { return a_.cols(); }
+  index_t out_features() const { return b_.rows(); }
+  index_t rank() const { return a_.rows(); }
+  T scale() const { return s_; }
+  auto expression() const { return expression(s_); }
+  auto expression(T s) const { return s * lora::expr::product(b_, a_); }
+  void check_consistent(const char* where) const {
+    if (b_.cols() != a_.rows()) lora::detail::raise<lora::shape_error>(where, ": B and A disagree on the rank");
+  }
+  index_t trainable_parameters() const { return b_.size(); }
+  gradients make_gradients() const { return {lora::RowMatrix<T>::Zero(b_.rows(), b_.cols())}; }
+  template <class F>
+  void for_each_parameter(gradients& g, F&& f) {
+    f("lora_B", lora::param_role::up, b_, g.db);
+  }
+  template <class D, class WS>
+  void record(const D& d, WS& saved) const {
+    auto h = saved.matrix(d.rows(), rank(), 0);  // (n, r) = D A^T
+    backend::gemm_nt(T(1), d, a_, T(0), h);
+  }
+  template <class G, class D, class WS>
+  void backward(const G& g, const D&, WS& saved, gradients& grads, T beta) const {
+    auto h = saved.matrix(g.rows(), rank(), 0);  // left there by the forward
+    backend::gemm_tn(s_, g, h, beta, grads.db);  // (out, r) = s G^T H
+  }
+  const lora::RowMatrix<T>& A() const { return a_; }
+  lora::RowMatrix<T>& B() { return b_; }
+  const lora::RowMatrix<T>& B() const { return b_; }
+
+ private:
+  lora::RowMatrix<T> b_, a_;
+  T s_;
+};
+
+static_assert(lora::Adapter<FrozenADelta<float>> && lora::MergeableAdapter<FrozenADelta<float>>);
+static_assert(lora::Adapter<lora::LowRankDelta<float, 8>> && lora::LowRankFactors<lora::LowRankDelta<float, 8>>);
+static_assert(!lora::Adapter<lora::RowMatrix<float>>);
+
+template <class G>
+constexpr bool has_dA = requires(G& g) { g.dA(); };
+
+}  // namespace
+
+TEST_CASE("Adapter concept: a frozen-A (LoRA-FA) delta trains through AdaptedLinear, train:: and SGD",
+          "[adapter][backward][optim]") {
+  const index_t out = 23, in = 31, r = 3, n = 7;
+  auto twin = make_layer<double, lora::dynamic>(out, in, r, 11);  // LowRankDelta with the same A, B, s
+  FrozenADelta<double> fa(twin.delta().B(), twin.delta().A(), twin.delta().scale());
+  lora::AdaptedLinear layer{twin.base_weight(), twin.bias(), std::move(fa)};
+  using Layer = decltype(layer);
+  using Twin = decltype(twin);
+  lora::RowMatrix<double> X(n, in), C(n, out);
+  fill(X, 5);
+  fill(C, 6);
+
+  // Inference and merge go through the same evaluators: the same bits as the twin.
+  const lora::RowMatrix<double> Y = layer.forward(X), Yt = twin.forward(X);
+  CHECK(Y == Yt);
+  REQUIRE(layer.merge());
+  CHECK((lora::expr::materialize(layer.weight()) - lora::expr::materialize(twin.weight())).cwiseAbs().maxCoeff() <
+        1e-14);
+  REQUIRE(layer.unmerge());
+  CHECK((layer.base_weight() - twin.base_weight()).cwiseAbs().maxCoeff() < 1e-14);
+  layer.base_weight() = twin.base_weight();  // W + d - d is W only to rounding
+
+  for (const double p : {0.0, 0.25}) {
+    const train::Dropout drop{p, 99};
+    train::Tape<Layer> tape;
+    train::Tape<Twin> ttape;
+    train::Gradients<Layer> grads(layer);
+    train::Gradients<Twin> tgrads(twin);
+    static_assert(!has_dA<train::Gradients<Layer>> && has_dA<train::Gradients<Twin>>, "a frozen A has no gradient");
+    lora::RowMatrix<double> Yf(n, out), Ytf(n, out), dX(n, in), dXt(n, in);
+    train::forward(layer, X, Yf, tape, drop, 3);
+    train::forward(twin, X, Ytf, ttape, drop, 3);
+    CHECK(Yf == Ytf);
+    train::backward(layer, X, C, tape, grads, dX);
+    train::backward(twin, X, C, ttape, tgrads, dXt);
+    CHECK(grads.adapter().db == tgrads.dB());  // dB does not depend on whether A trains
+    CHECK(grads.db() == tgrads.db());
+    CHECK(dX == dXt);
+    // And against central differences of the loss in B (independent of the twin).
+    const lora::RowMatrix<double> b = layer.delta().B();
+    const auto fd = central_difference(layer.delta().B(), [&] { return loss(layer, X, C, drop, 3); }, 1e-5);
+    CHECK((fd.cast<double>() - grads.adapter().db).cwiseAbs().maxCoeff() < 1e-6);
+    CHECK(layer.delta().B() == b);
+  }
+
+  // SGD through for_each_parameter: B moves exactly as the twin's B, A stays.
+  train::Tape<Layer> tape;
+  train::Tape<Twin> ttape;
+  train::Gradients<Layer> grads(layer, false);
+  train::Gradients<Twin> tgrads(twin, false);
+  lora::RowMatrix<double> Yf(n, out);
+  train::forward(layer, X, Yf, tape);
+  train::forward(twin, X, Yf, ttape);
+  train::backward(layer, X, C, tape, grads);
+  train::backward(twin, X, C, ttape, tgrads);
+  train::SGD<double> sgd({.lr = 0.1, .momentum = 0.9, .lora_plus_ratio = 4.0}), tsgd({.lr = 0.1, .momentum = 0.9, .lora_plus_ratio = 4.0});
+  sgd.add(layer, grads, "fa");
+  tsgd.add(twin, tgrads, "twin");
+  REQUIRE(sgd.parameters().size() == 1);
+  CHECK(sgd.parameters()[0].name == "fa.lora_B");
+  CHECK(sgd.parameters()[0].lr_scale == 4.0);
+  const lora::RowMatrix<double> a_before = layer.delta().A();
+  sgd.step();
+  tsgd.step();
+  CHECK(layer.delta().B() == twin.delta().B());
+  CHECK(layer.delta().A() == a_before);
+
+  // Memory accounting counts what trains: out * r, not r (in + out).
+  const auto m = train::memory_usage(layer);
+  const auto mt = train::memory_usage(twin);
+  CHECK(m.trainable_bytes == double(out * r) * 4);
+  CHECK(mt.trainable_bytes == double(r * (in + out)) * 4);
+}

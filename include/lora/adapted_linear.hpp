@@ -1,5 +1,7 @@
 // adapted_linear.hpp: AdaptedLinear<Base, Delta>, a frozen linear layer
-// y = x W^T + b adapted by a LowRankDelta, with merge / unmerge.
+// y = x W^T + b adapted by a lora::Adapter (a LowRankDelta, or any other model
+// of the concept in adapter.hpp), with merge / unmerge where the adapter is a
+// MergeableAdapter.
 #pragma once
 
 #ifndef LORA_UMBRELLA_INCLUDED
@@ -9,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "adapter.hpp"
 #include "expr/evaluate.hpp"
 #include "low_rank_delta.hpp"
 
@@ -28,6 +31,12 @@ namespace lora {
 /// caller passes a workspace).
 template <BaseWeight Base, class Delta>
 class AdaptedLinear {
+  static_assert(Adapter<Delta>,
+                "lora::AdaptedLinear<Base, Delta>: Delta is not a lora::Adapter; it needs scalar, backend, "
+                "gradients, rank_at_compile_time, in/out_features(), rank(), scale(), expression(), "
+                "check_consistent(), trainable_parameters(), make_gradients(), for_each_parameter() "
+                "(see lora/adapter.hpp and docs/design.md, 'The Adapter concept')");
+
  public:
   using base_type = Base;
   using delta_type = Delta;
@@ -41,6 +50,7 @@ class AdaptedLinear {
   static constexpr int rank_at_compile_time = Delta::rank_at_compile_time;
   static constexpr bool base_is_writable = weight_traits<Base>::writable;
   static constexpr bool base_is_quantized = QuantizedMatrix<Base>;
+  static constexpr bool delta_is_mergeable = MergeableAdapter<Delta>;
 
   static_assert(std::is_same_v<typename weight_traits<Base>::scalar, scalar>,
                 "lora::AdaptedLinear: the base weight and the delta have different scalar types; "
@@ -92,8 +102,10 @@ class AdaptedLinear {
   /// The effective weight as a lazy expression, whatever the state. When merged,
   /// W already holds the delta, so the delta term carries s = 0 (and evaluators
   /// skip zero-scaled terms). Materialise with expr::materialize(layer.weight()).
-  auto weight() const {
-    return base_expression() + (merged_ ? scalar(0) : delta_.scale()) * expr::product(delta_.B(), delta_.A());
+  auto weight() const
+    requires delta_is_mergeable
+  {
+    return base_expression() + delta_.expression(merged_ ? scalar(0) : delta_.scale());
   }
 
   // ---- forward ------------------------------------------------------------------
@@ -106,7 +118,7 @@ class AdaptedLinear {
       expr::apply(base_expression(), x, y, scalar(1), scalar(0), ws);
     else
       expr::apply(unmerged_expression(), x, y, scalar(1), scalar(0), ws);
-    if (has_bias()) backend::add_to_rows(scalar(1), bias_, y);
+    if (has_bias()) backend_ops<backend>::add_to_rows(scalar(1), bias_, y);
   }
 
   template <Matrix X, Matrix Y>
@@ -140,7 +152,7 @@ class AdaptedLinear {
     if (merged_) return false;
     delta_.check_consistent("AdaptedLinear::merge");
     merged_scale_ = delta_.scale();
-    expr::assign(w_, merged_scale_ * expr::product(delta_.B(), delta_.A()), scalar(1), scalar(1));
+    expr::assign(w_, delta_.expression(merged_scale_), scalar(1), scalar(1));  // W += s B A
     merged_ = true;
     return true;
   }
@@ -150,7 +162,7 @@ class AdaptedLinear {
     require_writable();
     if (!merged_) return false;
     delta_.check_consistent("AdaptedLinear::unmerge");
-    expr::assign(w_, merged_scale_ * expr::product(delta_.B(), delta_.A()), scalar(-1), scalar(1));
+    expr::assign(w_, delta_.expression(merged_scale_), scalar(-1), scalar(1));  // W -= s B A
     merged_ = false;
     return true;
   }
@@ -172,6 +184,9 @@ class AdaptedLinear {
 
  private:
   static void require_writable() {
+    static_assert(delta_is_mergeable,
+                  "lora::AdaptedLinear: merge()/unmerge()/safe_merge() need a lora::MergeableAdapter (one whose "
+                  "expression(s) can be added into W); keep this adapter unmerged");
     static_assert(base_is_writable || !base_is_quantized,
                   "lora::AdaptedLinear: merge()/unmerge()/safe_merge() cannot add into a compressed (NF4) "
                   "base in place; use lora::merged_weight(layer) for a dense merged W, or "

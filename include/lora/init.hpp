@@ -1,4 +1,5 @@
-// init.hpp: seeded, reproducible initialisation strategies for LowRankDelta.
+// init.hpp: seeded, reproducible initialisation strategies for LowRankDelta and
+// any adapter made of factors A [r, in], B [out, r] (lora::LowRankFactors).
 //   delta.init(init::kaiming_zero{}, seed)   loralib / PEFT default
 //   delta.init(init::gaussian{}, seed)       PEFT init_lora_weights="gaussian"
 //   delta.init(init::from_dense{dW})         best rank-r fit of a dense delta
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "adapter.hpp"
 #include "detail/random.hpp"
 #include "error.hpp"
 
@@ -28,23 +30,23 @@ inline constexpr std::uint64_t stream_B = 0xB;
 /// loralib / PEFT default: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
 /// a = sqrt(5)), B = 0, so the adapted layer starts equal to its base.
 struct kaiming_zero {
-  template <class Delta>
+  template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
     using T = typename Delta::scalar;
     const double bound = 1.0 / std::sqrt(static_cast<double>(d.in_features()));
-    B::fill_random(d.A(), uniform_dist{-bound, bound}, seed, stream_A);
+    backend_ops<B>::fill_random(d.A(), uniform_dist{-bound, bound}, seed, stream_A);
     B::fill(d.B(), T(0));
   }
 };
 
 /// PEFT's "gaussian": A ~ N(0, (1/r)^2) (stddev 1/r), B = 0.
 struct gaussian {
-  template <class Delta>
+  template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
     using T = typename Delta::scalar;
-    B::fill_random(d.A(), normal_dist{0.0, 1.0 / static_cast<double>(d.rank())}, seed, stream_A);
+    backend_ops<B>::fill_random(d.A(), normal_dist{0.0, 1.0 / static_cast<double>(d.rank())}, seed, stream_A);
     B::fill(d.B(), T(0));
   }
 };
@@ -52,11 +54,11 @@ struct gaussian {
 /// Both factors random (tests, benchmarks, synthetic deltas): A and B ~ U(-b, b).
 struct uniform_both {
   double bound = 1.0;
-  template <class Delta>
+  template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
-    B::fill_random(d.A(), uniform_dist{-bound, bound}, seed, stream_A);
-    B::fill_random(d.B(), uniform_dist{-bound, bound}, seed, stream_B);
+    backend_ops<B>::fill_random(d.A(), uniform_dist{-bound, bound}, seed, stream_A);
+    backend_ops<B>::fill_random(d.B(), uniform_dist{-bound, bound}, seed, stream_B);
   }
 };
 
@@ -114,7 +116,7 @@ template <class M>
 struct from_dense {
   const M& delta;
 
-  template <class Delta>
+  template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   svd_report initialize(Delta& d, std::uint64_t /*seed*/) const {
     if (delta.rows() != d.out_features() || delta.cols() != d.in_features())
       lora::detail::raise<shape_error>("init::from_dense: delta is [", delta.rows(), ", ", delta.cols(),

@@ -10,16 +10,50 @@
 #include <type_traits>
 #include <utility>
 
+#include "adapter.hpp"
+#include "backend/concept.hpp"
 #include "expr/nodes.hpp"
 #include "rank.hpp"
 
 namespace lora {
+
+/// dL/dA [r, in] and dL/dB [out, r] of a LowRankDelta (there is no dW: the
+/// base is frozen).
+template <class T, int Rank = dynamic, class Backend = default_backend>
+class LowRankGradients {
+ public:
+  using a_matrix = typename Backend::template matrix<T, Rank, dynamic>;  // (r, in)
+  using b_matrix = typename Backend::template matrix<T, dynamic, Rank>;  // (out, r)
+  using gradients = LowRankGradients<T, Rank, Backend>;
+
+  LowRankGradients() = default;
+  LowRankGradients(index_t out, index_t in, index_t rank) {
+    Backend::resize(da_, rank, in);
+    Backend::resize(db_, out, rank);
+    zero();
+  }
+  a_matrix& dA() { return da_; }
+  const a_matrix& dA() const { return da_; }
+  b_matrix& dB() { return db_; }
+  const b_matrix& dB() const { return db_; }
+  void zero() {
+    Backend::fill(da_, T(0));
+    Backend::fill(db_, T(0));
+  }
+
+ private:
+  a_matrix da_;
+  b_matrix db_;
+};
 
 template <class T, int Rank = dynamic, class Backend = default_backend>
 class LowRankDelta {
   static_assert(std::is_floating_point_v<T>,
                 "lora::LowRankDelta<T, Rank>: T must be float or double (adapters train in full "
                 "precision; low-precision storage belongs to the base weight)");
+  static_assert(detail::check_backend<Backend, T>(),
+                "lora::LowRankDelta<T, Rank, Backend>: Backend is not a lora::Backend (the static_assert above "
+                "names the missing piece; see lora/backend/concept.hpp)");
   static_assert(is_valid_rank_v<Rank>,
                 "lora::LowRankDelta<T, Rank>: Rank must be a positive integer, or lora::dynamic to "
                 "choose the rank at run time");
@@ -30,6 +64,7 @@ class LowRankDelta {
   static constexpr int rank_at_compile_time = Rank;
   using a_matrix = typename Backend::template matrix<T, Rank, dynamic>;  // (r, in)
   using b_matrix = typename Backend::template matrix<T, dynamic, Rank>;  // (out, r)
+  using gradients = LowRankGradients<T, Rank, Backend>;
 
   /// Static rank: A and B sized [Rank, in] and [out, Rank], zero-filled.
   LowRankDelta(index_t out, index_t in, delta_options options = {})
@@ -83,7 +118,45 @@ class LowRankDelta {
   T scale() const { return static_cast<T>(scale_for(options_, rank())); }
 
   /// The lazy expression s * B A (nothing is computed).
-  auto expression() const { return scale() * expr::product(b_, a_); }
+  auto expression() const { return expression(scale()); }
+  /// The same at a given scale (merge records s; a merged layer's weight()
+  /// carries its delta at s = 0).
+  auto expression(T s) const { return s * expr::product(b_, a_); }
+
+  // ---- the Adapter concept's training side (adapter.hpp) --------------------------
+  gradients make_gradients() const { return gradients(out_features(), in_features(), rank()); }
+  /// A, then B (LoRA+ trains B, the up-projection, at lr * ratio).
+  template <class F>
+  void for_each_parameter(gradients& g, F&& f) {
+    f("lora_A", param_role::down, a_, g.dA());
+    f("lora_B", param_role::up, b_, g.dB());
+  }
+  /// H = D A^T (n, r) into slot 0 of `saved`: what expr::apply of expression()
+  /// leaves there, for a forward that did not evaluate the term.
+  template <class D, class WS>
+  void record(const D& d, WS& saved) const {
+    auto h = saved.template matrix<Rank>(d.rows(), rank(), 0);  // (n, r)
+    Backend::gemm_nt(T(1), d, a_, T(0), h);                      // (n, r) = (n, in) (r, in)^T
+  }
+  /// grads = beta grads + (dA, dB) from G = dL/dY [n, out], the adapter's input
+  /// D [n, in] and H = D A^T left in slot 0 of `saved`; slot 1 takes G B.
+  ///   dB = s G^T H   [out, r]        dA = s (G B)^T D   [r, in]
+  template <class G, class D, class WS>
+  void backward(const G& g, const D& d, WS& saved, gradients& grads, T beta) const {
+    const index_t n = g.rows(), r = rank();
+    if (grads.dA().rows() != r || grads.dA().cols() != in_features() || grads.dB().rows() != out_features() ||
+        grads.dB().cols() != r)
+      detail::raise<shape_error>("AdaptedLinear::backward: gradients are dA [", grads.dA().rows(), ", ",
+                                 grads.dA().cols(), "], dB [", grads.dB().rows(), ", ", grads.dB().cols(),
+                                 "], expected dA [r, in] = [", r, ", ", in_features(), "], dB [out, r] = [",
+                                 out_features(), ", ", r, "]");
+    const T s = scale();
+    auto h = saved.template matrix<Rank>(n, r, 0);   // (n, r) = D A^T, from the forward
+    auto gb = saved.template matrix<Rank>(n, r, 1);  // (n, r) = G B
+    Backend::gemm_nn(T(1), g, b_, T(0), gb);
+    Backend::gemm_tn(s, g, h, beta, grads.dB());   // (out, r) = s G^T H
+    Backend::gemm_tn(s, gb, d, beta, grads.dA());  // (r, in) = s (G B)^T D
+  }
 
   /// Shape check used by every entry point that reads A and B.
   void check_consistent(const char* where) const {

@@ -32,6 +32,18 @@ using scalar_t = typename std::remove_cvref_t<E>::scalar;
 template <class E>
 using workspace_t = typename backend_t<E>::template workspace<scalar_t<E>>;
 
+/// A workspace whose evaluations keep their intermediates for a backward pass
+/// (the training tape's): evaluator<low_rank> leaves H = X A^T in its slot 0,
+/// and no evaluator skips a term or takes a fused path that would not leave it.
+template <class WS>
+struct recording : WS {
+  using WS::WS;
+};
+template <class WS>
+inline constexpr bool is_recording_v = false;
+template <class WS>
+inline constexpr bool is_recording_v<recording<WS>> = true;
+
 // ---- the four verbs, dispatching on the node type ------------------------------
 
 template <Expression E, class X, class Y>
@@ -77,7 +89,7 @@ index_t first_non_finite(const E& e, index_t rows_per_block = 64) {
     const index_t count = std::min(rows_per_block, e.rows() - start);
     B::resize(block, count, e.cols());
     assign(block, slice_rows(e, start, count), T(1), T(0));
-    const index_t bad = B::first_non_finite(block);
+    const index_t bad = backend_ops<B>::first_non_finite(block);
     if (bad >= 0) return start * e.cols() + bad;
   }
   return -1;
@@ -140,6 +152,12 @@ struct evaluator<low_rank<BM, AM>> {
 
   template <class X, class Y, class WS>
   static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS& ws) {
+    // A backend's fused shrink + expand (the CUDA kernel), where it takes the
+    // shape; never while recording, which needs H in the workspace.
+    if constexpr (!is_recording_v<WS> &&
+                  requires { backend_hooks<B>::template low_rank_apply<R>(alpha, x, e.a, e.b, y, ws); }) {
+      if (beta == T(1) && backend_hooks<B>::template low_rank_apply<R>(alpha, x, e.a, e.b, y, ws)) return;
+    }
     auto h = ws.template matrix<R>(x.rows(), e.rank());  // (n, r), the only intermediate
     B::gemm_nt(T(1), x, e.a, T(0), h);                   // shrink: (n, r) = (n, in) (r, in)^T
     B::gemm_nt(alpha, h, e.b, beta, y);                  // expand: (n, out) += (n, r) (out, r)^T
@@ -166,10 +184,11 @@ struct evaluator<scaled<E>> {
   using T = typename node::scalar;
 
   // A zero scale contributes nothing: skip the inner products entirely (the
-  // merged layer's weight() carries its delta with s = 0).
+  // merged layer's weight() carries its delta with s = 0), unless a training
+  // forward records the intermediates its backward reads.
   template <class X, class Y, class WS>
   static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS& ws) {
-    if (e.s == T(0))
+    if (e.s == T(0) && !is_recording_v<WS>)
       scale(y, beta);
     else
       evaluator<E>::apply(e.inner, x, y, alpha * e.s, beta, ws);

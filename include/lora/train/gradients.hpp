@@ -1,14 +1,17 @@
-// train/gradients.hpp: the training forward and the backward of AdaptedLinear.
+// train/gradients.hpp: the training forward and the backward of AdaptedLinear,
+// over any lora::Adapter (adapter.hpp).
 //
-//   forward   Y = X W^T + b + s * (D A^T) B^T,  D = drop(X), H = D A^T kept in the tape
+//   forward   Y = X W^T + b + E(D),  D = drop(X); for LoRA E(D) = s (D A^T) B^T,
+//             H = D A^T kept in the tape
 //   backward  G = dL/dY [n, out]:
-//             dB = s G^T H                         [out, r]
-//             dA = s (G B)^T D                     [r, in]
-//             dX = G W + s drop'((G B) A)          [n, in]  (the mask again, 1/(1-p))
+//             the adapter's gradients (LoRA: dB = s G^T H, dA = s (G B)^T D)
+//             dX = G W + drop'(dE/dD^T G)         [n, in]  (the mask again, 1/(1-p))
 //             db = sum over tokens of G            [out]    (when the bias trains)
-// W is frozen: no dW is ever allocated or computed. The dense part of dX is the
-// transposed application of the same expression the forward uses (W + s B A
-// unmerged, W merged), through expr::apply_transposed.
+// W is frozen: no dW is ever allocated or computed. The forward is the
+// inference forward's evaluator call (expr::apply on the same expression) with
+// the tape's recording workspace, where the adapter's evaluator leaves its
+// intermediate; the dense part of dX is the transposed application of the same
+// expression (W + s B A unmerged, W merged), through expr::apply_transposed.
 //
 // Memory: the tape holds the [n, r] intermediates H and G B and the evaluators'
 // [n, r] scratch; with dropout on, also drop(X) and one [n, in] scratch. Never
@@ -29,47 +32,63 @@
 
 namespace lora::train {
 
-/// dL/dA [r, in], dL/dB [out, r] and, when the bias trains, dL/db [out] of one
-/// adapted layer. There is deliberately no dW: the base weight is frozen.
+/// The gradients of one adapted layer: the adapter's own (LoRA: dA [r, in],
+/// dB [out, r]) and, when the bias trains, db [out]. There is deliberately no
+/// dW: the base weight is frozen.
 template <class Layer>
 class Gradients {
  public:
   using scalar = typename Layer::scalar;
   using backend = typename Layer::backend;
-  using a_matrix = typename Layer::delta_type::a_matrix;  // (r, in)
-  using b_matrix = typename Layer::delta_type::b_matrix;  // (out, r)
-  using bias_type = typename Layer::bias_type;            // (out)
+  using adapter_gradients = typename Layer::delta_type::gradients;
+  using bias_type = typename Layer::bias_type;  // (out)
 
   /// Zero-filled gradients shaped like the layer's adapter. `train_bias`
   /// (default: whether the layer has a bias) adds db.
   explicit Gradients(const Layer& layer) : Gradients(layer, layer.has_bias()) {}
-  Gradients(const Layer& layer, bool train_bias) {
+  Gradients(const Layer& layer, bool train_bias) : adapter_(layer.delta().make_gradients()) {
     if (train_bias && !layer.has_bias())
       lora::detail::raise<value_error>("train::Gradients: train_bias requested but the layer has no bias");
-    backend::resize(da_, layer.rank(), layer.in_features());
-    backend::resize(db_mat_, layer.out_features(), layer.rank());
     if (train_bias) backend::resize(dbias_, layer.out_features(), 1);
     zero();
   }
 
-  a_matrix& dA() { return da_; }
-  const a_matrix& dA() const { return da_; }
-  b_matrix& dB() { return db_mat_; }
-  const b_matrix& dB() const { return db_mat_; }
+  /// What the adapter's backward fills (and its optimizer registration reads).
+  adapter_gradients& adapter() { return adapter_; }
+  const adapter_gradients& adapter() const { return adapter_; }
+  /// LoRA's names, for adapters whose gradients have them.
+  decltype(auto) dA()
+    requires requires(adapter_gradients& g) { g.dA(); }
+  {
+    return adapter_.dA();
+  }
+  decltype(auto) dA() const
+    requires requires(const adapter_gradients& g) { g.dA(); }
+  {
+    return adapter_.dA();
+  }
+  decltype(auto) dB()
+    requires requires(adapter_gradients& g) { g.dB(); }
+  {
+    return adapter_.dB();
+  }
+  decltype(auto) dB() const
+    requires requires(const adapter_gradients& g) { g.dB(); }
+  {
+    return adapter_.dB();
+  }
   /// Empty when the bias is frozen.
   bias_type& db() { return dbias_; }
   const bias_type& db() const { return dbias_; }
   bool has_bias() const { return backend::size(dbias_) != 0; }
 
   void zero() {
-    backend::fill(da_, scalar(0));
-    backend::fill(db_mat_, scalar(0));
+    adapter_.zero();
     if (has_bias()) backend::fill(dbias_, scalar(0));
   }
 
  private:
-  a_matrix da_;
-  b_matrix db_mat_;
+  adapter_gradients adapter_;
   bias_type dbias_;
 };
 
@@ -96,7 +115,7 @@ class Tape {
   /// Whether the last forward applied dropout.
   bool dropped() const { return dropped_; }
   /// Elements the tape holds (all buffers), for memory checks.
-  index_t capacity() const { return small_.capacity() + wide_.capacity() + eval_.capacity(); }
+  index_t capacity() const { return saved_.capacity() + wide_.capacity() + eval_.capacity(); }
 
  private:
   template <class L, class X, class Y>
@@ -104,9 +123,9 @@ class Tape {
   template <class L, class X, class G, class DX>
   friend void detail::backward_impl(const L&, const X&, const G&, Tape<L>&, Gradients<L>&, DX*, bool, bool);
 
-  workspace small_;  // slot 0: H (n, r); slot 1: G B (n, r) or X A^T
-  workspace wide_;   // slot 0: drop(X) (n, in); slot 1: (G B) A (n, in); dropout only
-  workspace eval_;   // the expression evaluators' (n, r) scratch
+  expr::recording<workspace> saved_;  // the adapter's intermediates (LoRA: slot 0 H, slot 1 G B)
+  workspace wide_;                    // slot 0: drop(X) (n, in); slot 1: dE/dD^T G (n, in); dropout only
+  workspace eval_;                    // the expression evaluators' scratch
   index_t n_ = -1;
   bool dropped_ = false;
   bool merged_ = false;
@@ -146,7 +165,6 @@ void forward(const Layer& layer, const X& x, Y&& y, Tape<Layer>& tape, const Dro
              std::uint64_t step) {
   using B = typename Layer::backend;
   using T = typename Layer::scalar;
-  constexpr int R = Layer::rank_at_compile_time;
   constexpr const char* where = "AdaptedLinear::forward (train)";
   detail::check_input(where, layer, x);
   if (y.rows() != x.rows() || y.cols() != layer.out_features())
@@ -154,11 +172,8 @@ void forward(const Layer& layer, const X& x, Y&& y, Tape<Layer>& tape, const Dro
                                      x.rows(), ", ", layer.out_features(), "]");
   if (B::overlaps(x, y)) lora::detail::raise<shape_error>(where, ": X and Y share memory");
 
-  const index_t n = x.rows(), r = layer.rank(), in = layer.in_features();
-  const T s = layer.delta().scale();
-  const auto& a = layer.delta().A();
-  const auto& b = layer.delta().B();
-  auto h = tape.small_.template matrix<R>(n, r, 0);  // (n, r)
+  const index_t n = x.rows(), in = layer.in_features();
+  const auto& delta = layer.delta();
 
   tape.n_ = n;
   tape.dropped_ = drop.active();
@@ -168,24 +183,24 @@ void forward(const Layer& layer, const X& x, Y&& y, Tape<Layer>& tape, const Dro
   tape.step_ = step;
 
   if (!tape.dropped_) {
-    // Unmerged: exactly the inference forward's association, with H kept.
-    // Merged: X W'^T, and H only for dB.
-    expr::apply(layer.base_expression(), x, y, T(1), T(0), tape.eval_);  // (n, out) = X W^T
-    B::gemm_nt(T(1), x, a, T(0), h);                                      // (n, r) = X A^T
-    if (!tape.merged_) B::gemm_nt(s, h, b, T(1), y);                      // (n, out) += s H B^T
+    if (!tape.merged_) {
+      // The inference forward's call; the adapter's evaluator leaves its
+      // intermediate (H = X A^T) in the recording workspace.
+      expr::apply(layer.unmerged_expression(), x, y, T(1), T(0), tape.saved_);
+    } else {
+      // X W'^T, and the adapter's intermediate only for its gradients.
+      expr::apply(layer.base_expression(), x, y, T(1), T(0), tape.eval_);
+      delta.record(x, tape.saved_);
+    }
   } else {
-    auto d = tape.wide_.matrix(n, in, 0);                            // (n, in) = drop(X)
+    auto d = tape.wide_.matrix(n, in, 0);  // (n, in) = drop(X)
     B::dropout(T(1), x, T(0), d, drop.p(), drop.seed(), step);
     expr::apply(layer.base_expression(), x, y, T(1), T(0), tape.eval_);  // (n, out) = X W^T
-    B::gemm_nt(T(1), d, a, T(0), h);                                      // (n, r) = D A^T
-    if (tape.merged_) {
-      auto hx = tape.small_.template matrix<R>(n, r, 1);  // (n, r) = X A^T, the delta W' holds
-      B::gemm_nt(T(1), x, a, T(0), hx);
-      B::gemm_nt(-s, hx, b, T(1), y);
-    }
-    B::gemm_nt(s, h, b, T(1), y);  // (n, out) += s H B^T
+    // Merged: W' holds the clean term, which comes out again.
+    if (tape.merged_) expr::apply(delta.expression(), x, y, T(-1), T(1), tape.eval_);
+    expr::apply(delta.expression(), d, y, T(1), T(1), tape.saved_);  // (n, out) += E(D), recorded
   }
-  if (layer.has_bias()) B::add_to_rows(T(1), layer.bias(), y);
+  if (layer.has_bias()) backend_ops<B>::add_to_rows(T(1), layer.bias(), y);
 }
 
 namespace detail {
@@ -196,12 +211,11 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
                    DX* dx, bool accumulate, bool accumulate_dx) {
   using B = typename Layer::backend;
   using T = typename Layer::scalar;
-  constexpr int R = Layer::rank_at_compile_time;
   constexpr const char* where = "AdaptedLinear::backward";
   static_assert(std::is_same_v<scalar_of_t<G>, T>,
                 "lora::train::backward: G has a different scalar type than the layer; cast it first");
   detail::check_input(where, layer, x);
-  const index_t n = x.rows(), r = layer.rank(), in = layer.in_features(), out = layer.out_features();
+  const index_t n = x.rows(), in = layer.in_features(), out = layer.out_features();
   if (tape.n_ < 0)
     lora::detail::raise<value_error>(where, ": the tape is empty; call train::forward with it first");
   if (tape.n_ != n)
@@ -213,11 +227,6 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
   if (g.rows() != n || g.cols() != out)
     lora::detail::raise<shape_error>(where, ": G is [", g.rows(), ", ", g.cols(), "], expected [n, out] = [",
                                      n, ", ", out, "]");
-  if (grads.dA().rows() != r || grads.dA().cols() != in || grads.dB().rows() != out || grads.dB().cols() != r)
-    lora::detail::raise<shape_error>(where, ": gradients are dA [", grads.dA().rows(), ", ", grads.dA().cols(),
-                                     "], dB [", grads.dB().rows(), ", ", grads.dB().cols(),
-                                     "], expected dA [r, in] = [", r, ", ", in, "], dB [out, r] = [", out, ", ", r,
-                                     "]");
   if (grads.has_bias() && grads.db().rows() != out)
     lora::detail::raise<shape_error>(where, ": db has ", grads.db().rows(), " entries, expected out = ", out);
   if constexpr (!std::is_same_v<DX, std::nullptr_t>) {
@@ -227,19 +236,13 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
     if (B::overlaps(g, *dx)) lora::detail::raise<shape_error>(where, ": G and dX share memory");
   }
 
-  const T s = layer.delta().scale();
   const T beta = accumulate ? T(1) : T(0);
-  const auto& a = layer.delta().A();
-  const auto& b = layer.delta().B();
-  auto h = tape.small_.template matrix<R>(n, r, 0);   // (n, r) = D A^T from forward
-  auto gb = tape.small_.template matrix<R>(n, r, 1);  // (n, r) = G B
-  B::gemm_nn(T(1), g, b, T(0), gb);
-  B::gemm_tn(s, g, h, beta, grads.dB());  // (out, r) = s G^T H
+  const auto& delta = layer.delta();
   if (tape.dropped_)
-    B::gemm_tn(s, gb, tape.wide_.matrix(n, in, 0), beta, grads.dA());  // (r, in) = s (G B)^T D
+    delta.backward(g, tape.wide_.matrix(n, in, 0), tape.saved_, grads.adapter(), beta);  // input drop(X)
   else
-    B::gemm_tn(s, gb, x, beta, grads.dA());  // (r, in) = s (G B)^T X
-  if (grads.has_bias()) B::sum_rows(T(1), g, beta, grads.db());  // (out) = sum_t G[t, :]
+    delta.backward(g, x, tape.saved_, grads.adapter(), beta);
+  if (grads.has_bias()) backend_ops<B>::sum_rows(T(1), g, beta, grads.db());  // (out) = sum_t G[t, :]
 
   if constexpr (!std::is_same_v<DX, std::nullptr_t>) {
     const T beta_dx = accumulate_dx ? T(1) : T(0);
@@ -250,13 +253,13 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
       else
         expr::apply_transposed(layer.unmerged_expression(), g, *dx, T(1), beta_dx, tape.eval_);
     } else {
-      // Dense part through W (W' when merged, which then carries a clean s B A
+      // Dense part through W (W' when merged, which then carries a clean term
       // to take out), adapter part through the forward's mask.
       expr::apply_transposed(layer.base_expression(), g, *dx, T(1), beta_dx, tape.eval_);
-      auto gba = tape.wide_.matrix(n, in, 1);  // (n, in) = (G B) A
-      B::gemm_nn(T(1), gb, a, T(0), gba);
-      if (tape.merged_) B::axpby(-s, gba, T(1), *dx);
-      B::dropout(s, gba, T(1), *dx, tape.p_, tape.seed_, tape.step_);
+      auto ge = tape.wide_.matrix(n, in, 1);  // (n, in) = G dE/dD (LoRA: s (G B) A)
+      expr::apply_transposed(delta.expression(), g, ge, T(1), T(0), tape.eval_);
+      if (tape.merged_) B::axpby(T(-1), ge, T(1), *dx);
+      B::dropout(T(1), ge, T(1), *dx, tape.p_, tape.seed_, tape.step_);
     }
   }
 }

@@ -145,12 +145,18 @@ layer_shape shape_of(const Layer& layer, bool train_bias = false) {
   return {layer.out_features(), layer.in_features(), layer.rank(), layer.has_bias(), train_bias && layer.has_bias()};
 }
 
-/// One real layer. A compressed (NF4) base counts its exact storage bytes
+/// One real layer, any lora::Adapter: its trainable_parameters() train (LoRA:
+/// r (in + out)). A compressed (NF4) base counts its exact storage bytes
 /// (codes and scales) instead of `precision.frozen` per weight.
 template <class Layer>
-  requires requires(const Layer& l) { l.delta().rank(); }
+  requires requires(const Layer& l) { l.delta().trainable_parameters(); }
 memory_report memory_usage(const Layer& layer, const memory_options& o = {}, bool train_bias = false) {
-  memory_report r = memory_usage(shape_of(layer, train_bias), o);
+  const auto out = std::uint64_t(layer.out_features()), in = std::uint64_t(layer.in_features());
+  const std::uint64_t bias = layer.has_bias() ? out : 0;
+  train_bias = train_bias && layer.has_bias();
+  memory_report r = detail::account(out * in + (train_bias ? 0 : bias),
+                                    std::uint64_t(layer.delta().trainable_parameters()) + (train_bias ? bias : 0),
+                                    out * in + bias, o);
   if constexpr (Layer::base_is_quantized)
     r.frozen_bytes += double(layer.base_weight().storage_bytes()) -
                       double(layer.out_features()) * double(layer.in_features()) * o.bytes.frozen;

@@ -103,8 +103,9 @@ class optimizer_base {
     double lr_scale;
   };
 
-  /// Registers A, B (at lr * lora_plus_ratio) and, when `grads` has db, the
-  /// bias. The layer and the gradients are held by address: keep them alive
+  /// Registers the adapter's trained tensors (LoRA: A, and B at lr *
+  /// lora_plus_ratio; any lora::Adapter through for_each_parameter) and, when
+  /// `grads` has db, the bias. The layer and the gradients are held by address: keep them alive
   /// and in place while the optimizer is used. Train unmerged: while merged, W
   /// holds the old s B A and steps on A and B do not reach the forward.
   template <class Layer>
@@ -118,8 +119,10 @@ class optimizer_base {
       prefix += std::to_string(layers_);
     }
     ++layers_;
-    add_tensor(prefix + ".lora_A", layer.delta().A(), grads.dA(), 1.0);
-    add_tensor(prefix + ".lora_B", layer.delta().B(), grads.dB(), lora_plus_ratio_);
+    layer.delta().for_each_parameter(grads.adapter(), [&](const char* name, param_role role, auto& value,
+                                                          auto& grad) {
+      add_tensor(prefix + "." + name, value, grad, role == param_role::up ? lora_plus_ratio_ : 1.0);
+    });
     if (grads.has_bias()) add_tensor(prefix + ".bias", layer.bias(), grads.db(), 1.0);
   }
 

@@ -28,12 +28,17 @@ using lora::kernels::accum_t;
 namespace device_kernels {
 
 /// One block: TOK tokens x THREADS output columns.
-///  1. shrink: warp w computes H[t, k] = X[t, :] . A[k, :] for k = w, w + warps, ...
-///     (lanes stride over `in`, coalesced; shuffle reduction) into shared memory;
+///  1. shrink: H[t, k] = X[t, :] . A[k, :] for the block's tokens, KC ranks per
+///     pass: every thread takes the columns i = tid, tid + THREADS, ... of all
+///     KC rows of A (coalesced, KC independent loads in flight per step), then
+///     a shuffle reduction per warp and a fixed-order sum over the warps
+///     (deterministic, no atomics) into shared memory;
 ///  2. expand: thread o keeps B[o, :] (r values) in registers and adds
 ///     alpha * H[t, :] . B[o, :] to Y[t, o] for the block's tokens.
-/// Every block over the same tokens recomputes the (cheap, L2-resident) shrink,
-/// so no second launch and no global round trip for H.
+/// Every block over the same tokens recomputes the (L2-resident) shrink, so no
+/// second launch and no global round trip for H. (A first version gave each
+/// warp whole rows of A: one dependent load chain of in / 32 steps per rank,
+/// 2.4-5.9x the merged forward at n = 1 on an H200; docs/gpu.md.)
 template <class T, int R, int TOK, int THREADS>
 __global__ void __launch_bounds__(THREADS)
     fused_adapter(const T* __restrict__ x, index_t ldx, const T* __restrict__ a, index_t lda,
@@ -41,27 +46,49 @@ __global__ void __launch_bounds__(THREADS)
                   index_t out, accum_t<T> alpha) {
   using A = accum_t<T>;
   constexpr int warps = THREADS / 32;
-  __shared__ A h[TOK][R];  // (TOK, r)
+  constexpr int KC = R < 8 ? R : 8;  // ranks per shrink pass: TOK * KC accumulators per thread
+  __shared__ A h[TOK][R];            // (TOK, r)
+  __shared__ A part[warps][TOK][KC];
   const index_t t0 = static_cast<index_t>(blockIdx.y) * TOK;
   const int tokens = static_cast<int>(n - t0 < TOK ? n - t0 : TOK);
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
 
-  for (int k = warp; k < R; k += warps) {
-    A acc[TOK] = {};
-    for (index_t i = lane; i < in; i += 32) {
-      const A av = static_cast<A>(a[k * lda + i]);
+  for (int k0 = 0; k0 < R; k0 += KC) {
+    A acc[TOK][KC];
 #pragma unroll
-      for (int t = 0; t < TOK; ++t)
-        if (t < tokens) acc[t] += av * static_cast<A>(x[(t0 + t) * ldx + i]);
+    for (int t = 0; t < TOK; ++t)
+#pragma unroll
+      for (int kk = 0; kk < KC; ++kk) acc[t][kk] = A(0);
+    for (index_t i = tid; i < in; i += THREADS) {
+      A xv[TOK];
+#pragma unroll
+      for (int t = 0; t < TOK; ++t) xv[t] = t < tokens ? static_cast<A>(x[(t0 + t) * ldx + i]) : A(0);
+#pragma unroll
+      for (int kk = 0; kk < KC; ++kk) {
+        if (k0 + kk >= R) break;
+        const A av = static_cast<A>(a[(k0 + kk) * lda + i]);
+#pragma unroll
+        for (int t = 0; t < TOK; ++t) acc[t][kk] += av * xv[t];
+      }
     }
 #pragma unroll
-    for (int t = 0; t < TOK; ++t) {
+    for (int t = 0; t < TOK; ++t)
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], offset);
-      if (lane == 0) h[t][k] = acc[t];
+      for (int kk = 0; kk < KC; ++kk) {
+        A v = acc[t][kk];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+        if (lane == 0) part[warp][t][kk] = v;
+      }
+    __syncthreads();
+    if (tid < TOK * KC) {
+      const int t = tid / KC, kk = tid % KC;
+      A v = 0;
+      for (int w = 0; w < warps; ++w) v += part[w][t][kk];
+      if (k0 + kk < R) h[t][k0 + kk] = v;
     }
+    __syncthreads();
   }
-  __syncthreads();
 
   const index_t o = static_cast<index_t>(blockIdx.x) * THREADS + threadIdx.x;
   if (o >= out) return;
@@ -126,14 +153,17 @@ void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
 /// each one more kernel to compile): the fused kernel
 /// when it can take n; otherwise shrink and expand through cuBLAS with the
 /// [n, r] intermediate in `ws` (slot 0), in T.
+/// The fused kernel alone, where it takes the shape: Rank static (or a runtime
+/// rank of 8, 16, 32 or 64) and n <= fused_adapter::max_tokens. Returns false
+/// (nothing done) otherwise.
 template <int Rank = dynamic, class T>
-void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
-                     device_matrix_view<const T> b, device_matrix_view<T> y,
-                     typename thrust_backend::template workspace<T>& ws) {
-  adapter_detail::check_adapter(x, a, b, y);
+bool try_fused_adapter(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
+                       device_matrix_view<const T> b, device_matrix_view<T> y) {
   const index_t n = x.rows(), r = a.rows();
   if constexpr (Rank != dynamic) {
-    if (fused_adapter<T, Rank>::can_implement(n, r)) return fused_adapter<T, Rank>::run(s, x, a, b, y);
+    if (!fused_adapter<T, Rank>::can_implement(n, r)) return false;
+    fused_adapter<T, Rank>::run(s, x, a, b, y);
+    return true;
   } else {
     bool done = false;
     for_each_rank<8, 16, 32, 64>([&]<int R>() {
@@ -142,8 +172,17 @@ void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_
         done = true;
       }
     });
-    if (done) return;
+    return done;
   }
+}
+
+template <int Rank = dynamic, class T>
+void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
+                     device_matrix_view<const T> b, device_matrix_view<T> y,
+                     typename thrust_backend::template workspace<T>& ws) {
+  adapter_detail::check_adapter(x, a, b, y);
+  const index_t n = x.rows(), r = a.rows();
+  if (try_fused_adapter<Rank, T>(s, x, a, b, y)) return;
   auto h = ws.matrix(n, r);                                                                      // (n, r)
   gemm(false, true, n, r, x.cols(), accum_t<T>(1), x.data(), x.stride(), a.data(), a.stride(),  // H = X A^T
        accum_t<T>(0), h.data(), h.stride());
@@ -151,29 +190,19 @@ void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_
        y.data(), y.stride());
 }
 
-/// The whole layer on the CUDA fast path: Y = X W^T (cuBLAS) [+ s X A^T B^T
-/// when unmerged, fused] [+ b]. Same result as layer.forward(X, Y, ws) to
-/// rounding; X, Y are device matrices or views; nothing is copied.
-template <class Layer, class X, class Y>
-void forward(const Layer& layer, const X& x, Y&& y, typename Layer::workspace& ws) {
-  using T = typename Layer::scalar;
-  static_assert(std::is_same_v<typename Layer::backend, thrust_backend>,
-                "lora::cuda::forward: the layer must live on thrust_backend (move it with lora::to_device)");
-  const device_matrix_view<const T> xv = view(x);
-  const device_matrix_view<T> yv = view(y);
-  const device_matrix_view<const T> w = view(layer.base_weight());
-  if (xv.cols() != layer.in_features() || yv.rows() != xv.rows() || yv.cols() != layer.out_features())
-    lora::detail::raise<shape_error>("lora::cuda::forward: X is [", xv.rows(), ", ", xv.cols(), "] and Y is [",
-                                     yv.rows(), ", ", yv.cols(), "], expected [n, ", layer.in_features(),
-                                     "] and [n, ", layer.out_features(), "]");
-  if (thrust_backend::overlaps(xv, yv))
-    lora::detail::raise<shape_error>("lora::cuda::forward: X and Y share memory; forward cannot run in place");
-  gemm(false, true, xv.rows(), yv.cols(), xv.cols(), accum_t<T>(1), xv.data(), xv.stride(), w.data(), w.stride(),
-       accum_t<T>(0), yv.data(), yv.stride());  // (n, out) = (n, in) (out, in)^T
-  if (!layer.merged() && layer.delta().scale() != T(0))
-    adapter_forward<Layer::rank_at_compile_time, T>(layer.delta().scale(), xv, view(layer.delta().A()),
-                                                     view(layer.delta().B()), yv, ws);
-  if (layer.has_bias()) thrust_backend::add_to_rows(T(1), layer.bias(), yv);
-}
-
 }  // namespace lora::cuda
+
+namespace lora {
+/// thrust_backend's optional hooks on CUDA (backend/traits.hpp): the
+/// evaluator of s B A runs the fused kernel here, so layer.forward on a CUDA
+/// device takes it with no second API.
+template <>
+struct backend_hooks<thrust_backend> {
+  template <int Rank, class T, class X, class A, class B, class Y, class WS>
+  static bool low_rank_apply(T alpha, const X& x, const A& a, const B& b, Y& y, WS&) {
+    using S = scalar_of_t<Y>;
+    return cuda::try_fused_adapter<Rank, S>(static_cast<cuda::accum_t<S>>(alpha), view(x), view(a), view(b),
+                                            view(y));
+  }
+};
+}  // namespace lora

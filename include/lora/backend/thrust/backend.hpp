@@ -342,7 +342,10 @@ struct thrust_backend {
   template <class H, class M>
   static void from_host(const H& host, M&& m) {
     using S = scalar_of_t<M>;
-    const RowMatrix<S> h = host;  // evaluates expressions (casts, products)
+    using HT = std::remove_cvref_t<H>;
+    // Evaluates expressions (casts, products); the source's static extents are
+    // kept (a dynamic copy of a fixed 2x3 made GCC 12 warn about Eigen's packet loop).
+    const RowMatrix<S, HT::RowsAtCompileTime, HT::ColsAtCompileTime> h = host;
     resize(m, h.rows(), h.cols());
     const auto mv = view(m);
     if (mv.size() == 0) return;
