@@ -319,3 +319,146 @@ TEST_CASE("qlora errors: shapes are checked and named", "[qlora][errors]") {
   CHECK_THROWS_AS(layer.forward(X2, Y2), lora::shape_error);
   static_assert(decltype(layer)::base_is_quantized && !decltype(layer)::base_is_writable);
 }
+
+// ---- 16-bit bases: bf16 / fp16 storage, fp32 compute -----------------------------------
+
+namespace {
+
+// Long-double reference of X (W16 + s B A)^T + b over the 16-bit values, and
+// the sum of |terms| (the scale of fp32 accumulation error).
+template <class W16, class Layer>
+void reference16(const W16& W, const Layer& layer, const RowMatrix<float>& X, RowMatrix<long double>& y,
+                 RowMatrix<long double>& mag) {
+  const index_t n = X.rows(), out = W.rows(), in = W.cols(), r = layer.rank();
+  const long double s = layer.delta().scale();
+  y.setZero(n, out);
+  mag.setZero(n, out);
+  for (index_t t = 0; t < n; ++t)
+    for (index_t o = 0; o < out; ++o) {
+      long double acc = layer.has_bias() ? layer.bias()(o) : 0, m = std::fabs(acc);
+      for (index_t i = 0; i < in; ++i) {
+        const long double term = (long double)X(t, i) * (long double)static_cast<float>(W(o, i));
+        acc += term;
+        m += std::fabs(term);
+      }
+      for (index_t k = 0; k < r; ++k) {
+        long double h = 0, hm = 0;
+        for (index_t i = 0; i < in; ++i) {
+          h += (long double)X(t, i) * layer.delta().A()(k, i);
+          hm += std::fabs((long double)X(t, i) * layer.delta().A()(k, i));
+        }
+        acc += s * h * layer.delta().B()(o, k);
+        m += std::fabs(s * layer.delta().B()(o, k)) * hm;
+      }
+      y(t, o) = acc;
+      mag(t, o) = m;
+    }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("16-bit base: forward, backward, expressions against long-double references", "[half][qlora]",
+                   Eigen::bfloat16, Eigen::half) {
+  using S = TestType;
+  const float eps = std::numeric_limits<float>::epsilon();
+  // bf16 keeps 8 significant bits, fp16 11: one rounding of W costs u |W|.
+  const double u16 = std::is_same_v<S, Eigen::bfloat16> ? 1.0 / 256 : 1.0 / 2048;
+  for (const index_t in : {37, 300}) {  // a vector tail; several 16-wide steps and a tail
+    const index_t out = 53, r = 4;
+    RowMatrix<float> W(out, in);
+    fill(W, 21);
+    const RowMatrix<S> W16 = W.cast<S>();
+    Eigen::VectorXf b(out);
+    fill(b, 22);
+    lora::LowRankDelta<float, 4> delta{out, in, {.alpha = 8}};
+    fill(delta.A(), 23);
+    fill(delta.B(), 24, -0.5, 0.5);
+    // A view over the caller's 16-bit bytes, as PyTorch lays them out: no copy.
+    const Eigen::Map<const RowMatrix<S>> view(W16.data(), out, in);
+    lora::AdaptedLinear layer{view, b, delta};
+    static_assert(decltype(layer)::base_is_quantized && !decltype(layer)::base_is_writable);
+    CHECK(&layer.base_weight().coeffRef(0, 0) == W16.data());
+    lora::AdaptedLinear dense{W, b, delta};  // the fp32 W before rounding
+
+    for (const index_t n : {1, 2, 7, 33, 150}) {  // GEMV, skinny kernel, Eigen GEMM
+      CAPTURE(in, n);
+      RowMatrix<float> X(n, in);
+      fill(X, 25 + n);
+      RowMatrix<long double> y, mag;
+      reference16(W16, layer, X, y, mag);
+      const RowMatrix<float> Y = layer.forward(X);
+      const double k = double(in + r + 2);
+      for (index_t t = 0; t < n; ++t)
+        for (index_t o = 0; o < out; ++o)
+          REQUIRE(std::fabs((long double)Y(t, o) - y(t, o)) <= 2 * k * eps * mag(t, o) + 1e-30);
+      // Against the fp32 W: the bound implied by one 16-bit rounding of W.
+      const RowMatrix<float> Yd = dense.forward(X);
+      for (index_t t = 0; t < n; ++t)
+        for (index_t o = 0; o < out; ++o)
+          REQUIRE(std::fabs(double(Y(t, o)) - double(Yd(t, o))) <= (u16 + 4 * k * eps) * double(mag(t, o)));
+
+      // Backward: dX = G (W16 + s B A), dA, dB through the same tape machinery.
+      RowMatrix<float> G(n, out), dX(n, in), Yt(n, out);
+      fill(G, 40 + n);
+      train::Tape<decltype(layer)> tape;
+      train::Gradients<decltype(layer)> grads(layer);
+      train::forward(layer, X, Yt, tape);
+      CHECK((Yt - Y).cwiseAbs().maxCoeff() <= 4 * k * eps * float(mag.maxCoeff()));
+      train::backward(layer, X, G, tape, grads, dX);
+      const RowMatrix<float> W16f = W16.template cast<float>();
+      lora::AdaptedLinear twin{W16f, b, delta};  // an fp32 layer holding exactly the 16-bit values
+      train::Tape<decltype(twin)> ttape;
+      train::Gradients<decltype(twin)> tgrads(twin);
+      RowMatrix<float> dXt(n, in), Ytt(n, out);
+      train::forward(twin, X, Ytt, ttape);
+      train::backward(twin, X, G, ttape, tgrads, dXt);
+      const RowMatrix<long double> dX_ref =
+          G.cast<long double>() * (W16f.cast<long double>() +
+                                   (long double)delta.scale() * delta.B().cast<long double>() *
+                                       delta.A().cast<long double>());
+      const RowMatrix<long double> dX_mag =
+          G.cast<long double>().cwiseAbs() *
+          (W16f.cast<long double>().cwiseAbs() + std::fabs((long double)delta.scale()) *
+                                                     delta.B().cast<long double>().cwiseAbs() *
+                                                     delta.A().cast<long double>().cwiseAbs());
+      const double kd = double(out + r + 2);
+      for (index_t t = 0; t < n; ++t)
+        for (index_t i = 0; i < in; ++i)
+          REQUIRE(std::fabs((long double)dX(t, i) - dX_ref(t, i)) <= 2 * kd * eps * dX_mag(t, i) + 1e-30);
+      // dA, dB do not involve W: the fp32 twin's, to rounding of the shared H.
+      CHECK((grads.dB() - tgrads.dB()).cwiseAbs().maxCoeff() <= 1e-4f * (1 + tgrads.dB().cwiseAbs().maxCoeff()));
+      CHECK((grads.dA() - tgrads.dA()).cwiseAbs().maxCoeff() <= 1e-4f * (1 + tgrads.dA().cwiseAbs().maxCoeff()));
+      CHECK((grads.db() - tgrads.db()).cwiseAbs().maxCoeff() == 0);
+    }
+
+    // The expressions: materialise W16 + s B A, rows of it, first_non_finite.
+    const RowMatrix<float> Wm = lora::merged_weight(layer);
+    const RowMatrix<float> want = W16.template cast<float>() + delta.scale() * delta.B() * delta.A();
+    CHECK((Wm - want).cwiseAbs().maxCoeff() <= 8 * eps * (1 + want.cwiseAbs().maxCoeff()));
+    CHECK(lora::expr::first_non_finite(layer.unmerged_expression()) == -1);
+
+    // merge_rounded: one rounding to the storage type, its error reported.
+    const auto m = lora::merge_rounded(layer);
+    static_assert(std::is_same_v<std::remove_cvref_t<decltype(m.weight)>, RowMatrix<S>>);
+    const RowMatrix<float> back = m.weight.template cast<float>();
+    CHECK(m.max_abs_error == Approx((back - Wm).cwiseAbs().maxCoeff()).epsilon(1e-6));
+    CHECK(m.max_abs_error <= u16 * Wm.cwiseAbs().maxCoeff());
+    CHECK(m.rms_error <= m.max_abs_error);
+    CHECK(std::fabs(back(m.worst_row, m.worst_col) - Wm(m.worst_row, m.worst_col)) == Approx(m.max_abs_error));
+
+    // Memory accounting counts 2 bytes per base weight.
+    const auto mem = train::memory_usage(layer);
+    CHECK(mem.frozen_bytes == double(out * in) * 2 + double(out) * 4);  // W in 16 bits, the frozen bias in fp32
+  }
+}
+
+TEST_CASE("16-bit base: merge_rounded refuses values beyond fp16's range", "[half][errors]") {
+  RowMatrix<Eigen::half> W = RowMatrix<float>::Constant(3, 4, 60000.0f).cast<Eigen::half>();
+  lora::LowRankDelta<float, 1> delta{3, 4};
+  delta.A().setConstant(1);
+  delta.B().setConstant(10000);
+  lora::AdaptedLinear layer{W, delta};
+  CHECK_THROWS_AS(lora::merge_rounded(layer), lora::numeric_error);
+  CHECK_THROWS_WITH(lora::merge_rounded(layer), Catch::Contains("beyond the 16-bit range once rounded") &&
+                                                    Catch::Contains("row 0, column 0"));
+}

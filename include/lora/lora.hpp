@@ -21,6 +21,7 @@
 #include "low_rank_delta.hpp"
 #include "adapted_linear.hpp"
 #include "quant/qlora.hpp"
+#include "backend/eigen/half.hpp"
 #include "init.hpp"
 #include "train/dropout.hpp"
 #include "train/gradients.hpp"

@@ -145,6 +145,17 @@ layer_shape shape_of(const Layer& layer, bool train_bias = false) {
   return {layer.out_features(), layer.in_features(), layer.rank(), layer.has_bias(), train_bias && layer.has_bias()};
 }
 
+namespace detail {
+/// Exact bytes of a compressed or 16-bit base: its own storage_bytes(), or its traits'.
+template <class W>
+double stored_bytes(const W& w) {
+  if constexpr (requires { w.storage_bytes(); })
+    return double(w.storage_bytes());
+  else
+    return quantized_traits_t<W>::storage_bytes(w);
+}
+}  // namespace detail
+
 /// One real layer, any lora::Adapter: its trainable_parameters() train (LoRA:
 /// r (in + out)). A compressed (NF4) base counts its exact storage bytes
 /// (codes and scales) instead of `precision.frozen` per weight.
@@ -158,7 +169,7 @@ memory_report memory_usage(const Layer& layer, const memory_options& o = {}, boo
                                     std::uint64_t(layer.delta().trainable_parameters()) + (train_bias ? bias : 0),
                                     out * in + bias, o);
   if constexpr (Layer::base_is_quantized)
-    r.frozen_bytes += double(layer.base_weight().storage_bytes()) -
+    r.frozen_bytes += detail::stored_bytes(layer.base_weight()) -
                       double(layer.out_features()) * double(layer.in_features()) * o.bytes.frozen;
   return r;
 }
