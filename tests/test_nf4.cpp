@@ -6,7 +6,7 @@
 // boundaries; the default (2^18 floats) would fit every test matrix in one tile.
 #define LORA_NF4_GEMM_TILE_FLOATS 1024
 #include <lora/quant/dynamic_map.hpp>
-#include <lora/quant/nf4.hpp>
+#include <lora/lora.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -677,3 +677,25 @@ TEST_CASE("Adapter concept: a frozen-A (LoRA-FA) delta trains through AdaptedLin
   CHECK(m.trainable_bytes == double(out * r) * 4);
   CHECK(mt.trainable_bytes == double(r * (in + out)) * 4);
 }
+
+TEST_CASE("a recording workspace keeps H = X A^T through expr::apply, also at scale 0", "[adapter][backward]") {
+  // The training forward's contract (adapter.hpp): evaluating the adapter's
+  // expression with the tape's recording workspace leaves H in slot 0, and a
+  // zero scale is not skipped there (it is for inference).
+  auto layer = make_layer<float, 3>(17, 29, 3, 5);
+  lora::RowMatrix<float> X(4, 29), Y = lora::RowMatrix<float>::Zero(4, 17);
+  fill(X, 6);
+  const lora::RowMatrix<float> H = X * layer.delta().A().transpose();
+  for (const double m : {1.0, 0.0}) {
+    layer.delta().set_multiplier(m);
+    lora::expr::recording<lora::eigen_backend::workspace<float>> rec;
+    rec.matrix<3>(4, 3, 0).setConstant(std::numeric_limits<float>::quiet_NaN());  // what a skip would leave
+    lora::expr::apply(layer.unmerged_expression(), X, Y, 1.0f, 0.0f, rec);
+    const auto h = rec.matrix<3>(4, 3, 0);
+    CHECK((h - H).cwiseAbs().maxCoeff() <= 64 * std::numeric_limits<float>::epsilon() * H.cwiseAbs().maxCoeff());
+    // Inference skips the zero-scaled term and needs no scratch at all.
+    lora::eigen_backend::workspace<float> plain;
+    lora::expr::apply(layer.unmerged_expression(), X, Y, 1.0f, 0.0f, plain);
+    CHECK(plain.capacity() == (m == 0.0 ? 0 : 4 * 3));
+  }
+}

@@ -143,6 +143,30 @@ class AdaptedLinear {
     }
   }
 
+  /// The one shape check of every forward, inference and training: X [n, in],
+  /// Y [n, out], same scalar, no overlap; static extents at compile time.
+  template <class X, class Y>
+  void check_forward(const char* where, const X& x, const Y& y) const {
+    static_assert(extents_agree(matrix_traits_t<X>::cols, in_at_compile_time),
+                  "lora::AdaptedLinear::forward: X has a static column count different from the base "
+                  "weight's static in_features; X must be [n, in]");
+    static_assert(extents_agree(matrix_traits_t<Y>::cols, out_at_compile_time),
+                  "lora::AdaptedLinear::forward: Y has a static column count different from the base "
+                  "weight's static out_features; Y must be [n, out]");
+    static_assert(std::is_same_v<scalar_of_t<X>, scalar>,
+                  "lora::AdaptedLinear::forward: X has a different scalar type than the layer; cast it "
+                  "with .template cast<T>() first");
+    delta_.check_consistent(where);
+    if (x.cols() != in_features())
+      detail::raise<shape_error>(where, ": X has ", x.cols(), " columns, expected in_features = ",
+                                 in_features());
+    if (y.rows() != x.rows() || y.cols() != out_features())
+      detail::raise<shape_error>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [",
+                                 x.rows(), ", ", out_features(), "]");
+    if (backend::overlaps(x, y))
+      detail::raise<shape_error>(where, ": X and Y share memory; forward cannot run in place");
+  }
+
   // ---- merge ----------------------------------------------------------------------
   /// W += s B A (an assignment of the delta expression into W). Returns false
   /// when already merged (nothing done). Remembers s so unmerge() subtracts
@@ -203,28 +227,6 @@ class AdaptedLinear {
       detail::raise<shape_error>("AdaptedLinear: base weight is [out, in] = [", out_features(), ", ",
                                  in_features(), "] but the delta is [", delta_.out_features(), ", ",
                                  delta_.in_features(), "]");
-  }
-
-  template <class X, class Y>
-  void check_forward(const char* where, const X& x, const Y& y) const {
-    static_assert(extents_agree(matrix_traits_t<X>::cols, in_at_compile_time),
-                  "lora::AdaptedLinear::forward: X has a static column count different from the base "
-                  "weight's static in_features; X must be [n, in]");
-    static_assert(extents_agree(matrix_traits_t<Y>::cols, out_at_compile_time),
-                  "lora::AdaptedLinear::forward: Y has a static column count different from the base "
-                  "weight's static out_features; Y must be [n, out]");
-    static_assert(std::is_same_v<scalar_of_t<X>, scalar>,
-                  "lora::AdaptedLinear::forward: X has a different scalar type than the layer; cast it "
-                  "with .template cast<T>() first");
-    delta_.check_consistent(where);
-    if (x.cols() != in_features())
-      detail::raise<shape_error>(where, ": X has ", x.cols(), " columns, expected in_features = ",
-                                 in_features());
-    if (y.rows() != x.rows() || y.cols() != out_features())
-      detail::raise<shape_error>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [",
-                                 x.rows(), ", ", out_features(), "]");
-    if (backend::overlaps(x, y))
-      detail::raise<shape_error>(where, ": X and Y share memory; forward cannot run in place");
   }
 
   Base w_;

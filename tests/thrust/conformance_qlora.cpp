@@ -83,7 +83,7 @@ TEMPLATE_TEST_CASE_SIG("thrust qlora forward equals the eigen qlora layer", "[th
       typename decltype(dev)::workspace ws;
       dev.forward(Xd, Y, ws);
       check_close<float>(lora::to_host(Y), want, bound, terms);
-      CHECK(ws.capacity() == sh.n * 3);  // the [n, r] intermediate only: W is never expanded
+      CHECK((ws.capacity() == sh.n * 3 || (LORA_THRUST_ON_CUDA && ws.capacity() == 0)));  // the [n, r] intermediate only: W is never expanded
       dev.forward(Xd, lora::view(Y), ws);
       check_close<float>(lora::to_host(Y), want, bound, terms);
 

@@ -9,8 +9,8 @@
 //   optional   copy, add_to_rows, sum_rows, first_non_finite(matrix), fill_random:
 //              lora::backend_ops<B> calls the backend's own where it has one and
 //              a fallback built from the required pieces where not
-//   hooks      backend_hooks<B> (traits.hpp): fused paths the evaluators find
-//              with `requires` (CUDA's fused LoRA kernel)
+//   hooks      backend_hooks<B> (traits.hpp): fused paths the evaluators take
+//              where the backend's flag says so (CUDA's fused LoRA kernel)
 // detail::check_backend<B, T>() names the first missing piece in a
 // static_assert; LowRankDelta checks its backend with it.
 #pragma once

@@ -67,16 +67,23 @@ struct weight_traits<W> : quantized_traits_t<W> {
   static constexpr bool writable = false;
 };
 
-/// Optional fast paths of a backend, found with `requires` by the evaluators
-/// (a backend without them runs the generic primitives; nothing else changes):
+/// Optional fast paths of a backend, declared by a flag and used by the
+/// evaluators (a backend without them runs the generic primitives; nothing
+/// else changes):
+///   low_rank = true and
 ///   template <int Rank, class T, class X, class A, class B, class Y, class WS>
 ///   static bool low_rank_apply(T alpha, const X&, const A&, const B&, Y&, WS&);
 ///     Y += alpha (X A^T) B^T in one fused pass, the [n, r] intermediate kept
 ///     on chip; returns false where it cannot take the shape (CUTLASS's
 ///     can_implement), and the evaluator then takes the two products.
-/// Specialised for thrust_backend under nvcc (backend/cuda/fused.hpp).
+/// Specialised for thrust_backend under nvcc (backend/cuda/fused.hpp). A flag,
+/// not a `requires` on the call: nvcc's device pass evaluated such a
+/// requires-expression as false where the host pass found it true, so the
+/// host launched kernels the device image never got (seen on an H200).
 template <class Backend>
-struct backend_hooks {};
+struct backend_hooks {
+  static constexpr bool low_rank = false;
+};
 
 /// Compile-time extents agree when either is dynamic or both are equal.
 constexpr bool extents_agree(int a, int b) { return a == dynamic || b == dynamic || a == b; }

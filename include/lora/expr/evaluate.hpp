@@ -46,14 +46,17 @@ inline constexpr bool is_recording_v<recording<WS>> = true;
 
 // ---- the four verbs, dispatching on the node type ------------------------------
 
-template <Expression E, class X, class Y>
-void apply(const E& e, const X& x, Y&& y, scalar_t<E> alpha, scalar_t<E> beta, workspace_t<E>& ws) {
+// The workspace's own type reaches the evaluators (not workspace_t<E>&, which
+// would drop a recording<> wrapper and with it the training forward's H).
+template <Expression E, class X, class Y, class WS>
+  requires std::is_base_of_v<workspace_t<E>, WS>
+void apply(const E& e, const X& x, Y&& y, scalar_t<E> alpha, scalar_t<E> beta, WS& ws) {
   evaluator<std::remove_cvref_t<E>>::apply(e, x, y, alpha, beta, ws);
 }
 
-template <Expression E, class G, class DX>
-void apply_transposed(const E& e, const G& g, DX&& dx, scalar_t<E> alpha, scalar_t<E> beta,
-                      workspace_t<E>& ws) {
+template <Expression E, class G, class DX, class WS>
+  requires std::is_base_of_v<workspace_t<E>, WS>
+void apply_transposed(const E& e, const G& g, DX&& dx, scalar_t<E> alpha, scalar_t<E> beta, WS& ws) {
   evaluator<std::remove_cvref_t<E>>::apply_transposed(e, g, dx, alpha, beta, ws);
 }
 
@@ -154,8 +157,7 @@ struct evaluator<low_rank<BM, AM>> {
   static void apply(const node& e, const X& x, Y& y, T alpha, T beta, WS& ws) {
     // A backend's fused shrink + expand (the CUDA kernel), where it takes the
     // shape; never while recording, which needs H in the workspace.
-    if constexpr (!is_recording_v<WS> &&
-                  requires { backend_hooks<B>::template low_rank_apply<R>(alpha, x, e.a, e.b, y, ws); }) {
+    if constexpr (!is_recording_v<WS> && backend_hooks<B>::low_rank) {
       if (beta == T(1) && backend_hooks<B>::template low_rank_apply<R>(alpha, x, e.a, e.b, y, ws)) return;
     }
     auto h = ws.template matrix<R>(x.rows(), e.rank());  // (n, r), the only intermediate

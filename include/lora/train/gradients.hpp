@@ -165,12 +165,7 @@ void forward(const Layer& layer, const X& x, Y&& y, Tape<Layer>& tape, const Dro
              std::uint64_t step) {
   using B = typename Layer::backend;
   using T = typename Layer::scalar;
-  constexpr const char* where = "AdaptedLinear::forward (train)";
-  detail::check_input(where, layer, x);
-  if (y.rows() != x.rows() || y.cols() != layer.out_features())
-    lora::detail::raise<shape_error>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [",
-                                     x.rows(), ", ", layer.out_features(), "]");
-  if (B::overlaps(x, y)) lora::detail::raise<shape_error>(where, ": X and Y share memory");
+  layer.check_forward("AdaptedLinear::forward (train)", x, y);
 
   const index_t n = x.rows(), in = layer.in_features();
   const auto& delta = layer.delta();

@@ -39,8 +39,14 @@ namespace device_kernels {
 /// second launch and no global round trip for H. (A first version gave each
 /// warp whole rows of A: one dependent load chain of in / 32 steps per rank,
 /// 2.4-5.9x the merged forward at n = 1 on an H200; docs/gpu.md.)
+///
+/// `static`: internal linkage, so every TU that instantiates the kernel keeps its
+/// own host stub bound to its own device image. With external linkage the
+/// linker keeps one TU's stub for all, and a launch from another TU failed with
+/// cudaErrorInvalidDeviceFunction on an H200 once the conformance suite was
+/// split into several .cu files (CCCL hides its kernels for the same reason).
 template <class T, int R, int TOK, int THREADS>
-__global__ void __launch_bounds__(THREADS)
+static __global__ void __launch_bounds__(THREADS)
     fused_adapter(const T* __restrict__ x, index_t ldx, const T* __restrict__ a, index_t lda,
                   const T* __restrict__ b, index_t ldb, T* __restrict__ y, index_t ldy, index_t n, index_t in,
                   index_t out, accum_t<T> alpha) {
@@ -198,6 +204,7 @@ namespace lora {
 /// device takes it with no second API.
 template <>
 struct backend_hooks<thrust_backend> {
+  static constexpr bool low_rank = true;
   template <int Rank, class T, class X, class A, class B, class Y, class WS>
   static bool low_rank_apply(T alpha, const X& x, const A& a, const B& b, Y& y, WS&) {
     using S = scalar_of_t<Y>;

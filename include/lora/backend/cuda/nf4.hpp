@@ -50,8 +50,9 @@ __device__ __forceinline__ void nf4_accumulate_byte(unsigned byte, index_t e, in
 
 /// Y (n, nr) = beta Y + alpha X W[r0 : r0 + nr]^T for n <= NT tokens.
 /// Block = WARPS rows; warp = one row; lane = every 32nd byte (or word) of it.
+/// `static` for the reason given at lora::cuda::device_kernels::fused_adapter.
 template <int NT, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
+static __global__ void __launch_bounds__(WARPS * 32)
     nf4_gemm_nt_small(kernels::nf4_view w, index_t r0, index_t nr, const float* __restrict__ x, index_t ldx, int n,
                       float* __restrict__ y, index_t ldy, float alpha, float beta) {
   __shared__ float lut[nf4::num_codes];

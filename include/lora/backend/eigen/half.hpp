@@ -11,7 +11,8 @@
 //   backward  dX = G W through the same tiles; materialise likewise
 // The base plugs in as quantized_traits (backend/traits.hpp) like an NF4 base:
 // the layer, lora::train and the expressions use it unchanged; merge() cannot
-// add into it in place (lora::merge_rounded rounds once and reports the error).
+// add into it in place (lora::merge_rounded, merge.hpp, rounds once and reports
+// the error).
 #pragma once
 
 #ifndef LORA_UMBRELLA_INCLUDED
@@ -209,52 +210,5 @@ struct quantized_traits<M, std::enable_if_t<std::is_base_of_v<Eigen::EigenBase<M
     b = bc;
   }
 };
-
-/// What merge_rounded returns: W + s B A rounded once to the base's 16-bit
-/// storage, and how far that is from the exact (fp32) merged weight.
-template <class S>
-struct rounded_merge_result {
-  RowMatrix<S> weight;
-  double max_abs_error = 0;   ///< max |weight - (W + s B A)|
-  double mean_abs_error = 0;  ///< mean of the same
-  double rms_error = 0;       ///< root mean square of the same
-  index_t worst_row = 0, worst_col = 0;  ///< where the max is
-};
-
-/// Folds the adapter into a 16-bit base: W + s B A in fp32, rounded once to
-/// the storage type, with the rounding error reported (as merge_to_nf4 does
-/// for NF4). Throws numeric_error when W + s B A is not finite, or not finite
-/// once rounded (beyond the 16-bit range); nothing is returned then.
-template <class Base, class Delta>
-  requires is_half_storage_v<typename quantized_traits_t<Base>::storage>
-auto merge_rounded(const AdaptedLinear<Base, Delta>& layer) {
-  using S = typename quantized_traits_t<Base>::storage;
-  const RowMatrix<float> exact = expr::materialize(layer.weight());
-  rounded_merge_result<S> r{exact.template cast<S>()};
-  const index_t out = exact.rows(), in = exact.cols();
-  double sum = 0, sum_sq = 0;
-  for (index_t i = 0; i < out; ++i)
-    for (index_t j = 0; j < in; ++j) {
-      const float rounded = static_cast<float>(r.weight(i, j));
-      if (!std::isfinite(exact(i, j)) || !std::isfinite(rounded))
-        detail::raise<numeric_error>("lora::merge_rounded: W + s*B*A is ", exact(i, j), " at row ", i, ", column ",
-                                     j, (std::isfinite(exact(i, j)) ? " (beyond the 16-bit range once rounded)" : ""),
-                                     "; nothing was merged");
-      const double e = std::fabs(double(rounded) - double(exact(i, j)));
-      sum += e;
-      sum_sq += e * e;
-      if (e > r.max_abs_error) {
-        r.max_abs_error = e;
-        r.worst_row = i;
-        r.worst_col = j;
-      }
-    }
-  const double count = double(out) * double(in);
-  if (count > 0) {
-    r.mean_abs_error = sum / count;
-    r.rms_error = std::sqrt(sum_sq / count);
-  }
-  return r;
-}
 
 }  // namespace lora
