@@ -65,7 +65,8 @@ static __global__ void __launch_bounds__(THREADS)
     for (int t = 0; t < TOK; ++t)
 #pragma unroll
       for (int kk = 0; kk < KC; ++kk) acc[t][kk] = A(0);
-    for (index_t i = tid; i < in; i += THREADS) {
+#pragma unroll 4
+    for (index_t i = tid; i < in; i += THREADS) {  // unrolled: 4 steps of loads in flight
       A xv[TOK];
 #pragma unroll
       for (int t = 0; t < TOK; ++t) xv[t] = t < tokens ? static_cast<A>(x[(t0 + t) * ldx + i]) : A(0);
@@ -123,8 +124,13 @@ struct fused_adapter {
   /// Beyond this many tokens the redundant shrink outweighs the saved launch.
   static constexpr index_t max_tokens = 16;
 
+  /// Above this rank every block's redundant shrink reads r x in of A from L2
+  /// and the kernel loses to the two cuBLAS products (H200, n = 1, 4096^2:
+  /// r = 64 fused 127 us against the merged forward's 23; docs/gpu.md).
+  static constexpr int max_rank = 16;
+
   static bool can_implement(index_t n, index_t rank) {
-    return Rank != dynamic && rank == Rank && Rank <= 128 && n <= max_tokens;
+    return Rank != dynamic && rank == Rank && Rank <= max_rank && n <= max_tokens;
   }
 
   /// Y (n, out) += alpha (X A^T) B^T on the current stream.
@@ -159,20 +165,32 @@ void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
 /// each one more kernel to compile): the fused kernel
 /// when it can take n; otherwise shrink and expand through cuBLAS with the
 /// [n, r] intermediate in `ws` (slot 0), in T.
-/// The fused kernel alone, where it takes the shape: Rank static (or a runtime
-/// rank of 8, 16, 32 or 64) and n <= fused_adapter::max_tokens. Returns false
+/// The fused kernel alone, where it is preferred (fused_adapter_preferred_v)
+/// and takes the shape: Rank static (or a runtime rank of 8 or 16) <=
+/// fused_adapter::max_rank and n <= fused_adapter::max_tokens. Returns false
 /// (nothing done) otherwise.
+/// Where the fused kernel is the faster way (measured on an H200, n = 1, r = 8,
+/// adapter term alone: bf16 4096^2 fused 6.2 us against ~20 us for the two
+/// cuBLAS products; fp32 fused 12.6 us (4096^2) and 22 us (8192^2) against
+/// 9-11 us for the two products): 16-bit storage. fp32 / fp64 take cuBLAS.
+/// Every block recomputes the shrink, reading r x in of A from L2; a split-K
+/// shrink over the whole GPU is the next step (docs/gpu.md).
+template <class T>
+inline constexpr bool fused_adapter_preferred_v = !std::is_same_v<T, float> && !std::is_same_v<T, double>;
+
 template <int Rank = dynamic, class T>
 bool try_fused_adapter(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
                        device_matrix_view<const T> b, device_matrix_view<T> y) {
   const index_t n = x.rows(), r = a.rows();
-  if constexpr (Rank != dynamic) {
+  if constexpr (!fused_adapter_preferred_v<T>) {
+    return false;
+  } else if constexpr (Rank != dynamic) {
     if (!fused_adapter<T, Rank>::can_implement(n, r)) return false;
     fused_adapter<T, Rank>::run(s, x, a, b, y);
     return true;
   } else {
     bool done = false;
-    for_each_rank<8, 16, 32, 64>([&]<int R>() {
+    for_each_rank<8, 16>([&]<int R>() {
       if (!done && fused_adapter<T, R>::can_implement(n, r)) {
         fused_adapter<T, R>::run(s, x, a, b, y);
         done = true;
