@@ -72,6 +72,52 @@
 #define LORA_EIGEN_PANEL_MAX_ROWS 32
 #endif
 
+// ---- Tuning of the NF4 products (backend/eigen/nf4.hpp) ----------------------
+// Work (rows x cols elements) below which the kernels stay on one thread: a
+// fork/join costs a few microseconds, about a 256 x 256 product.
+#ifndef LORA_NF4_PARALLEL_MIN_ELEMENTS
+#define LORA_NF4_PARALLEL_MIN_ELEMENTS (1L << 16)
+#endif
+
+// How far ahead (bytes of packed codes) the AVX-512 gemv prefetches; 0 = off.
+#ifndef LORA_NF4_PREFETCH_BYTES
+#define LORA_NF4_PREFETCH_BYTES 512
+#endif
+
+// Floats per dequantised tile of W in nf4_gemm for up to 32 tokens (1 MiB: it
+// stays in L2 while Eigen packs it); larger batches use 4x this.
+#ifndef LORA_NF4_GEMM_TILE_FLOATS
+#define LORA_NF4_GEMM_TILE_FLOATS (1L << 18)
+#endif
+
+// ---- Tuning of the 16-bit base products (backend/eigen/half.hpp) --------------
+// Floats of W widened per tile for n >= 2 (1 MiB, as the NF4 products'; 4x
+// above 32 tokens, where Eigen's GEMM repacks X once per tile). A 64 KiB tile
+// made the bf16 forward 2-3x slower than fp32 at n = 16 and 256 (4096^2).
+#ifndef LORA_HALF_TILE_FLOATS
+#define LORA_HALF_TILE_FLOATS (1 << 18)
+#endif
+
+// ---- The OpenBLAS hand-off (backend/eigen/blas.hpp, lora::blas) ---------------
+// Products smaller than this many multiply-adds (m n k) stay with Eigen: a BLAS
+// call's thread start-up is not amortised (2^26: a 4096^2 W against 4 tokens).
+#ifndef LORA_BLAS_MIN_WORK
+#define LORA_BLAS_MIN_WORK (index_t(1) << 26)
+#endif
+// ... and so do thin-depth products, such as merge()'s rank-r update W += s B A
+// for small r. 4096^2 fp32 update, 2 threads, best of 20 (ms, Eigen / OpenBLAS):
+// r = 8 2.1 / 2.7, r = 16 3.2 / 3.0, r = 32 5.6 / 4.4, r = 64 12.2 / 8.5.
+#ifndef LORA_BLAS_MIN_DEPTH
+#define LORA_BLAS_MIN_DEPTH 32
+#endif
+
+// ---- The Thrust backend on CUDA (backend/thrust/backend.hpp) -----------------
+// Products at least this large (m n k) go to cuBLAS on CUDA: below it the
+// launch and handle overhead dominates and the functor is as fast.
+#ifndef LORA_THRUST_CUBLAS_MIN_MNK
+#define LORA_THRUST_CUBLAS_MIN_MNK 262144
+#endif
+
 // ---- Compile time ---------------------------------------------------------------
 // LORA_EXTERN_TEMPLATES: the rank-independent product kernels
 // (detail::eigen::product_kernels<float> and <double>) are declared extern, so

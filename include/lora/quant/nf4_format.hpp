@@ -56,22 +56,6 @@
 #define LORA_NF4_OMP_FOR_IF(cond)
 #endif
 
-// Work (rows x cols elements) below which the kernels stay on one thread: a
-// fork/join costs a few microseconds, about a 256 x 256 product.
-#ifndef LORA_NF4_PARALLEL_MIN_ELEMENTS
-#define LORA_NF4_PARALLEL_MIN_ELEMENTS (1L << 16)
-#endif
-
-// How far ahead (bytes of packed codes) the AVX-512 gemv prefetches; 0 = off.
-#ifndef LORA_NF4_PREFETCH_BYTES
-#define LORA_NF4_PREFETCH_BYTES 512
-#endif
-
-// Floats per dequantised tile of W in nf4_gemm for up to 32 tokens (1 MiB: it
-// stays in L2 while Eigen packs it); larger batches use 4x this.
-#ifndef LORA_NF4_GEMM_TILE_FLOATS
-#define LORA_NF4_GEMM_TILE_FLOATS (1L << 18)
-#endif
 
 // The 16 NF4 values (DESIGN.md s3), as one list so the host array and the
 // device-callable lookup cannot drift apart.

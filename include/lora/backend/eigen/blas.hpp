@@ -43,17 +43,6 @@
 #include <omp.h>
 #endif
 
-// Products smaller than this many multiply-adds (m n k) stay with Eigen: a BLAS
-// call's thread start-up is not amortised (2^26: a 4096^2 W against 4 tokens).
-#ifndef LORA_BLAS_MIN_WORK
-#define LORA_BLAS_MIN_WORK (index_t(1) << 26)
-#endif
-// ... and so do thin-depth products, such as merge()'s rank-r update W += s B A
-// for small r. 4096^2 fp32 update, 2 threads, best of 20 (ms, Eigen / OpenBLAS):
-// r = 8 2.1 / 2.7, r = 16 3.2 / 3.0, r = 32 5.6 / 4.4, r = 64 12.2 / 8.5.
-#ifndef LORA_BLAS_MIN_DEPTH
-#define LORA_BLAS_MIN_DEPTH 32
-#endif
 
 namespace lora {
 

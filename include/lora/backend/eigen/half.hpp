@@ -42,12 +42,6 @@ inline constexpr bool is_half_storage_v = std::is_same_v<S, Eigen::bfloat16> || 
 
 namespace detail::half {
 
-// Floats of W widened per tile for n >= 2 (1 MiB, as the NF4 products'; 4x
-// above 32 tokens, where Eigen's GEMM repacks X once per tile). A 64 KiB tile
-// made the bf16 forward 2-3x slower than fp32 at n = 16 and 256 (4096^2).
-#ifndef LORA_HALF_TILE_FLOATS
-#define LORA_HALF_TILE_FLOATS (1 << 18)
-#endif
 
 /// out[0, len) = float(src[0, len)).
 template <class S>

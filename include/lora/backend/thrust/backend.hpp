@@ -49,11 +49,6 @@
 #define LORA_THRUST_CUBLAS 0
 #endif
 
-// Products at least this large (m n k) go to cuBLAS on CUDA: below it the
-// launch and handle overhead dominates and the functor is as fast.
-#ifndef LORA_THRUST_CUBLAS_MIN_MNK
-#define LORA_THRUST_CUBLAS_MIN_MNK 262144
-#endif
 
 namespace lora {
 
