@@ -1,9 +1,10 @@
 // tests/thrust/conformance.hpp: what every conformance TU shares (helpers and
-// tolerances). The suite is split into three TUs (layer, primitives, qlora) so
-// that none needs more than ~1.5 GB of compiler memory and two build at once.
+// tolerances). The suite is split into five TUs (forward, layer, primitives,
+// init, qlora) so that none needs more than ~1.9 GB of compiler memory (g++
+// -O3) and two build at once.
 // Conformance of the Thrust backend with the Eigen backend. One source, built
 // once per Thrust device system: OMP and CPP with the host compiler, CUDA with
-// nvcc (test_conformance.cu includes this file). Every operation runs on both
+// nvcc (each conformance_<part>.cu includes its .cpp). Every operation runs on both
 // backends from the same inputs and the results are compared within
 // tolerances derived from the inputs' magnitudes:
 //   products:      |dev - eigen| <= 2 (k + 2) eps * (|op(A)| |op(B)| + |C|-terms)
