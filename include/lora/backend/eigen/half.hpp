@@ -43,18 +43,25 @@ inline constexpr bool is_half_storage_v = std::is_same_v<S, Eigen::bfloat16> || 
 namespace detail::half {
 
 
+#if defined(__AVX512F__)
+/// 16 values at p widened to fp32 in a register: bf16 is the high half of an
+/// fp32 (a 16-bit shift), fp16 converts with vcvtph2ps.
+template <class S>
+LORA_FORCE_INLINE __m512 load16(const S* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (std::is_same_v<S, Eigen::bfloat16>)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else
+    return _mm512_cvtph_ps(h);
+}
+#endif
+
 /// out[0, len) = float(src[0, len)).
 template <class S>
 inline void widen(const S* src, index_t len, float* out) {
   index_t i = 0;
 #if defined(__AVX512F__)
-  for (; i + 16 <= len; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    if constexpr (std::is_same_v<S, Eigen::bfloat16>)
-      _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    else
-      _mm512_storeu_ps(out + i, _mm512_cvtph_ps(h));
-  }
+  for (; i + 16 <= len; i += 16) _mm512_storeu_ps(out + i, load16(src + i));
 #endif
   for (; i < len; ++i) out[i] = static_cast<float>(src[i]);
 }
@@ -66,13 +73,7 @@ inline float dot(const S* w, const float* x, index_t len) {
   float acc = 0.0f;
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  const auto load = [](const S* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    if constexpr (std::is_same_v<S, Eigen::bfloat16>)
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    else
-      return _mm512_cvtph_ps(h);
-  };
+  const auto load = [](const S* p) { return load16(p); };
   for (; i + 32 <= len; i += 32) {
     a0 = _mm512_fmadd_ps(load(w + i), _mm512_loadu_ps(x + i), a0);
     a1 = _mm512_fmadd_ps(load(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
@@ -92,13 +93,7 @@ inline void dot4(const S* w, index_t ldw, const float* x, index_t len, float* ou
   index_t i = 0;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if defined(__AVX512F__)
-  const auto load = [](const S* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    if constexpr (std::is_same_v<S, Eigen::bfloat16>)
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    else
-      return _mm512_cvtph_ps(h);
-  };
+  const auto load = [](const S* p) { return load16(p); };
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   for (; i + 16 <= len; i += 16) {
     const __m512 xv = _mm512_loadu_ps(x + i);
