@@ -175,7 +175,8 @@ void gemm_nn(weight_ref<S> w, index_t r0, index_t nr, float alpha, fview g, floa
     return;
   }
   const index_t tile = tile_rows_for(in, g.rows());
-  std::vector<float> buf(static_cast<std::size_t>(std::min(tile, nr) * in));
+  std::vector<float>& buf = tile_buffer<S>;  // reused across calls, as the forward's: no allocation per step
+  buf.resize(static_cast<std::size_t>(std::min(tile, nr) * in));
   for (index_t t = 0; t < nr; t += tile) {
     const index_t tr = std::min(tile, nr - t);
     for (index_t r = 0; r < tr; ++r) widen(w.row(r0 + t + r), in, buf.data() + r * in);
