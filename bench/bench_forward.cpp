@@ -20,7 +20,7 @@ const lora::RowMatrix<float>& base_weight() {
 template <int Rank>
 auto make_layer(lora::index_t r) {
   lora::AdaptedLinear layer{base_weight(), lora::LowRankDelta<float, Rank>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
-  layer.delta().init(lora::init::uniform_both{0.01}, 1);
+  layer.delta().init(lora::init::UniformBoth{0.01}, 1);
   return layer;
 }
 
@@ -42,7 +42,7 @@ void forward(benchmark::State& state, bool merged) {
   lora::RowMatrix<float> W = base_weight();
   lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
                             lora::LowRankDelta<float, Rank>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
-  layer.delta().init(lora::init::uniform_both{0.01}, 1);
+  layer.delta().init(lora::init::UniformBoth{0.01}, 1);
   if (merged) layer.merge();
   const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
   lora::RowMatrix<float> Y(n, kDim);
@@ -73,7 +73,7 @@ void merge_unmerge(benchmark::State& state, bool safe) {
   lora::RowMatrix<float> W = base_weight();
   lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
                             lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
-  layer.delta().init(lora::init::uniform_both{0.01}, 2);
+  layer.delta().init(lora::init::UniformBoth{0.01}, 2);
   for (auto _ : state) {
     if (safe)
       layer.safe_merge();

@@ -18,11 +18,11 @@ template <class S>
 void BM_forward(benchmark::State& state) {
   const index_t d = state.range(0), n = state.range(1);
   lora::RowMatrix<float> W32(d, d), X(n, d), Y(n, d);
-  lora::eigen_backend::fill_random(W32, lora::uniform_dist{-0.02, 0.02}, 1, 0);
-  lora::eigen_backend::fill_random(X, lora::uniform_dist{-1.0, 1.0}, 2, 0);
+  lora::EigenBackend::fill_random(W32, lora::UniformDist{-0.02, 0.02}, 1, 0);
+  lora::EigenBackend::fill_random(X, lora::UniformDist{-1.0, 1.0}, 2, 0);
   const lora::RowMatrix<S> W = W32.cast<S>();
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 8>{d, d, {.alpha = 16}}};
-  layer.delta().init(lora::init::uniform_both{0.01}, 3);
+  layer.delta().init(lora::init::UniformBoth{0.01}, 3);
   typename decltype(layer)::workspace ws;
   for (auto _ : state) {
     layer.forward(X, Y, ws);

@@ -23,11 +23,11 @@ template <int R>
 void BM_train_step(benchmark::State& state) {
   const index_t n = state.range(0), d = kDim;
   Mat W(d, d), X(n, d), G(n, d), Y(n, d), dX(n, d), Yr(n, d), dXr(n, d);
-  lora::eigen_backend::fill_random(W, lora::uniform_dist{-0.02, 0.02}, 1, 1);
-  lora::eigen_backend::fill_random(X, lora::uniform_dist{-1, 1}, 1, 2);
-  lora::eigen_backend::fill_random(G, lora::uniform_dist{-1, 1}, 1, 3);
+  lora::EigenBackend::fill_random(W, lora::UniformDist{-0.02, 0.02}, 1, 1);
+  lora::EigenBackend::fill_random(X, lora::UniformDist{-1, 1}, 1, 2);
+  lora::EigenBackend::fill_random(G, lora::UniformDist{-1, 1}, 1, 3);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, R>{d, d, {.alpha = 2.0 * R}}};
-  layer.delta().init(lora::init::uniform_both{0.01}, 4);
+  layer.delta().init(lora::init::UniformBoth{0.01}, 4);
   const Mat& Wl = layer.base_weight();
   using Layer = decltype(layer);
   train::Tape<Layer> tape;

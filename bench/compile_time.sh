@@ -48,7 +48,7 @@ cat > "$tmp/forward_r8.cpp" <<'CPP'
 int main() {
   lora::RowMatrix<float> W = lora::RowMatrix<float>::Random(64, 64), X = lora::RowMatrix<float>::Random(8, 64);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 8>{64, 64, {.alpha = 16}}};
-  layer.delta().init(lora::init::kaiming_zero{}, 1);
+  layer.delta().init(lora::init::KaimingZero{}, 1);
   lora::RowMatrix<float> Y = layer.forward(X);
   return Y.sum() > 0;
 }
@@ -61,7 +61,7 @@ int main() {
   float total = 0;
   lora::for_each_rank<1, 2, 4, 8, 16, 32, 64, 128>([&]<int R> {
     lora::AdaptedLinear layer{W, lora::LowRankDelta<float, R>{256, 256, {.alpha = 16}}};
-    layer.delta().init(lora::init::kaiming_zero{}, 1);
+    layer.delta().init(lora::init::KaimingZero{}, 1);
     lora::RowMatrix<float> Y = layer.forward(X);
     total += Y.sum();
   });
@@ -73,7 +73,7 @@ cat > "$tmp/qlora_r8.cpp" <<'CPP'
 int main() {
   lora::RowMatrix<float> W = lora::RowMatrix<float>::Random(64, 64), X = lora::RowMatrix<float>::Random(8, 64);
   lora::AdaptedLinear layer{lora::NF4Matrix::quantize(W), lora::LowRankDelta<float, 8>{64, 64, {.alpha = 16}}};
-  layer.delta().init(lora::init::kaiming_zero{}, 1);
+  layer.delta().init(lora::init::KaimingZero{}, 1);
   lora::RowMatrix<float> Y(8, 64), dX(8, 64);
   lora::train::Tape<decltype(layer)> tape;
   lora::train::Gradients<decltype(layer)> grads(layer);

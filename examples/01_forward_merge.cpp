@@ -14,7 +14,7 @@ int main() {
   Eigen::Map<lora::RowMatrix<float>> W(bytes.data(), out, in);
 
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 8>{out, in, {.alpha = 16}}};
-  layer.delta().init(lora::init::kaiming_zero{}, /*seed=*/42);
+  layer.delta().init(lora::init::KaimingZero{}, /*seed=*/42);
   layer.delta().B().setConstant(0.01f);  // pretend it trained a little
 
   lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, in);

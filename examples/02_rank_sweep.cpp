@@ -30,7 +30,7 @@ int main() {
   // small full-rank tail, so ranks below 8 leave a measurable error.
   const lora::index_t k = 8;
   lora::LowRankDelta<double, k> truth{d, d, {.alpha = double(k)}};
-  truth.init(lora::init::uniform_both{}, 7);
+  truth.init(lora::init::UniformBoth{}, 7);
   for (lora::index_t i = 0; i < k; ++i) truth.B().col(i) *= std::pow(0.5, double(i));
   const lora::RowMatrix<float> dW =
       (truth.B() * truth.A() + 1e-4 * lora::RowMatrix<double>::Random(d, d)).cast<float>();
@@ -42,7 +42,7 @@ int main() {
               "merged us", "ratio");
   lora::for_each_rank<1, 2, 4, 8, 16, 32>([&]<int R>() {
     lora::AdaptedLinear layer{W, lora::LowRankDelta<float, R>{d, d, {.alpha = 2.0 * R}}};
-    const auto fit = layer.delta().init(lora::init::from_dense{dW});
+    const auto fit = layer.delta().init(lora::init::FromDense{dW});
 
     lora::RowMatrix<float> Y(n, d);
     typename decltype(layer)::workspace ws;

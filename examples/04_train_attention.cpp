@@ -117,10 +117,10 @@ config parse(int argc, char** argv) {
 }
 
 void random_fill(Mat& m, double lo, double hi, std::uint64_t seed, std::uint64_t stream) {
-  lora::eigen_backend::fill_random(m, lora::uniform_dist{lo, hi}, seed, stream);
+  lora::EigenBackend::fill_random(m, lora::UniformDist{lo, hi}, seed, stream);
 }
 void normal_fill(Mat& m, double stddev, std::uint64_t seed, std::uint64_t stream) {
-  lora::eigen_backend::fill_random(m, lora::normal_dist{0.0, stddev}, seed, stream);
+  lora::EigenBackend::fill_random(m, lora::NormalDist{0.0, stddev}, seed, stream);
 }
 
 // The frozen base: W [out, in] and b [out] per projection.
@@ -194,7 +194,7 @@ struct Block {
         dW[j] = Mat::Zero(out, in);
         db[j] = Vec::Zero(out);
       }
-      layer.back().delta().init(lora::init::kaiming_zero{}, c.seed * 1000 + std::uint64_t(j));
+      layer.back().delta().init(lora::init::KaimingZero{}, c.seed * 1000 + std::uint64_t(j));
       grad.emplace_back(layer.back(), false);
       drop.emplace_back(c.dropout, c.seed * 1000 + 500 + std::uint64_t(j));
     }
@@ -342,8 +342,8 @@ run_stats fit(Student& student, Block<1>& teacher, const config& c, double lr, c
 // train::memory_usage (an NF4 base counts its exact bytes), every other
 // projection frozen under LoRA and trained under full fine-tuning.
 template <class Student>
-train::memory_report memory_of(const Student& student) {
-  train::memory_report mem;
+train::MemoryReport memory_of(const Student& student) {
+  train::MemoryReport mem;
   for (int j = 0; j < 6; ++j) {
     const auto& l = student.layer[j];
     if (student.trained[j] && student.mode == tuning::lora) {
@@ -351,7 +351,7 @@ train::memory_report memory_of(const Student& student) {
       continue;
     }
     const std::uint64_t params = std::uint64_t(l.out_features() * l.in_features() + l.bias().size());
-    train::memory_report frozen = train::other_parameters(params);
+    train::MemoryReport frozen = train::other_parameters(params);
     if constexpr (Student::Layer::base_is_quantized)
       frozen.frozen_bytes = double(l.base_weight().storage_bytes()) + 4.0 * double(l.bias().size());
     mem += frozen;
@@ -421,7 +421,7 @@ int main(int argc, char** argv) {
 
   std::vector<rank_result> results;
   bool ok = true;
-  double merge_error = 0.0;
+  double MergeErrorReport = 0.0;
   lora::for_each_rank<1, 2, 4, 8, 16>([&]<int R>() {
     Block<R> student(base, c, c.targets);
     rank_result res{R, fit(student, teacher, c, c.lr, x_eval, y_eval, "rank " + std::to_string(R)), 0, 0, 0,
@@ -434,9 +434,9 @@ int main(int argc, char** argv) {
     for (int j = 0; j < 6; ++j)
       if (c.targets[j]) student.layer[j].merge();
     const Mat y_merged = student.forward(x_eval);
-    merge_error = std::max(merge_error, max_relative_difference(y_merged, y_unmerged));
+    MergeErrorReport = std::max(MergeErrorReport, max_relative_difference(y_merged, y_unmerged));
 
-    const train::memory_report mem = memory_of(student);
+    const train::MemoryReport mem = memory_of(student);
     res.trainable = mem.trainable_parameters;
     res.lora_bytes = mem.total_bytes();
     res.full_bytes = mem.full_total_bytes();
@@ -456,7 +456,7 @@ int main(int argc, char** argv) {
   {
     Block<1> full(base, c, {true, true, true, true, true, true}, tuning::full);
     const run_stats run = fit(full, teacher, c, c.full_lr, x_eval, y_eval, "full fine-tuning");
-    const train::memory_report mem = memory_of(full);
+    const train::MemoryReport mem = memory_of(full);
     methods.push_back({"full fine-tuning", run, mem.full_parameters, mem.full_total_bytes()});
   }
   for (const auto& r : results)
@@ -465,7 +465,7 @@ int main(int argc, char** argv) {
   {
     Block<kCompareRank, lora::NF4Matrix> student(base, c, c.targets);
     const run_stats run = fit(student, teacher, c, c.lr, x_eval, y_eval, "QLoRA rank 8");
-    const train::memory_report mem = memory_of(student);
+    const train::MemoryReport mem = memory_of(student);
     methods.push_back({"QLoRA (NF4 base)", run, mem.trainable_parameters, mem.total_bytes()});
     // Dense merge (deq(Wq) + s B A) must give the QLoRA outputs; requantising
     // the merged targets to NF4 costs one more rounding, shown as its error.
@@ -474,7 +474,7 @@ int main(int argc, char** argv) {
       merged.W[j] = lora::merged_weight(student.layer[j]);
       requantised.W[j] = merged.W[j];
       if (c.targets[j]) {
-        const lora::nf4_merge_result m = lora::merge_to_nf4(student.layer[j]);
+        const lora::NF4MergeResult m = lora::merge_to_nf4(student.layer[j]);
         requantised.W[j] = m.weight.dequantize();
         requant_max_error = std::max(requant_max_error, m.max_abs_error);
         requant_mean_error = std::max(requant_mean_error, m.mean_abs_error);
@@ -505,8 +505,8 @@ int main(int argc, char** argv) {
                 r.run.eval_excess, r.run.steps_per_s, static_cast<unsigned long long>(r.trainable), r.lora_bytes / 1024, r.full_bytes / 1024,
                 r.full_bytes / r.lora_bytes, r.reached ? "reached" : (r.rank >= c.k ? "MISSED" : "not reached"));
   std::printf("noise floor sigma^2 = %.3e; 'reached' = eval excess <= 0.1 sigma^2 = %.3e\n", floor, 0.1 * floor);
-  std::printf("merged vs unmerged outputs: max relative difference %.3e\n", merge_error);
-  if (merge_error > 1e-5) ok = false;
+  std::printf("merged vs unmerged outputs: max relative difference %.3e\n", MergeErrorReport);
+  if (MergeErrorReport > 1e-5) ok = false;
 
   const double full_bytes = methods[1].bytes;
   std::printf("\n%-24s %10s %14s %12s %14s %8s %10s\n", "method", "trainable", "train KiB", "final loss",

@@ -26,7 +26,7 @@ namespace blas = lora::detail::blas;
 
 template <class M>
 void fill(M& m, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  lora::eigen_backend::fill_random(m, lora::uniform_dist{lo, hi}, seed, 3);
+  lora::EigenBackend::fill_random(m, lora::UniformDist{lo, hi}, seed, 3);
 }
 
 std::uint64_t calls() { return blas::call_counter().load(); }
@@ -103,7 +103,7 @@ TEST_CASE("blas: this test runs with the hand-off active") {
 
 TEMPLATE_TEST_CASE("blas: backend products of every layout, odd sizes, alpha and beta", "", float, double) {
   using T = TestType;
-  using eb = lora::eigen_backend;
+  using eb = lora::EigenBackend;
   // Depth >= LORA_BLAS_MIN_DEPTH and m n k >= LORA_BLAS_MIN_WORK, all odd.
   // n above the skinny kernel's token limit, so gemm_nt reaches OpenBLAS too.
   const index_t n = GENERATE(as<index_t>{}, LORA_EIGEN_SKINNY_MAX_TOKENS + 3, 300), in = 259, out = 263;
@@ -159,7 +159,7 @@ TEMPLATE_TEST_CASE("blas: backend products of every layout, odd sizes, alpha and
 }
 
 TEST_CASE("blas: small, thin-depth and column-major products stay with Eigen") {
-  using eb = lora::eigen_backend;
+  using eb = lora::EigenBackend;
   RowMatrix<float> X(40, 256), W(256, 64), Y(40, 64);  // m n k = 655,360 < LORA_BLAS_MIN_WORK
   fill(X, 1);
   fill(W, 2);

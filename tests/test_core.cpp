@@ -16,7 +16,7 @@ using lora::index_t;
 // Deterministic test data in [-1, 1).
 template <class M>
 void fill(M& m, std::uint64_t seed) {
-  lora::eigen_backend::fill_random(m, lora::uniform_dist{-1.0, 1.0}, seed, 99);
+  lora::EigenBackend::fill_random(m, lora::UniformDist{-1.0, 1.0}, seed, 99);
 }
 
 // Reference Y = X (W + s B A)^T + b by plain loops in long double, and the
@@ -90,7 +90,7 @@ TEMPLATE_TEST_CASE_SIG("forward matches the triple-loop reference", "[forward]",
     Eigen::Matrix<T, Eigen::Dynamic, 1> b(sh.out);
     fill(b, 3);
     lora::AdaptedLinear layer{W, b, lora::LowRankDelta<T, R>{sh.out, sh.in, r, {.alpha = 2.0 * r}}};
-    layer.delta().init(lora::init::uniform_both{}, 11);
+    layer.delta().init(lora::init::UniformBoth{}, 11);
     REQUIRE(layer.delta().scale() == T(2));
     const auto ref = reference_forward<T>(W, layer.delta().A(), layer.delta().B(), 2.0, X, &b);
 
@@ -117,7 +117,7 @@ TEMPLATE_TEST_CASE("a single token as a vector", "[forward]", float, double) {
   lora::RowMatrix<TestType> W(out, in);
   fill(W, 4);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<TestType, 2>{out, in, {.alpha = 1}}};
-  layer.delta().init(lora::init::uniform_both{}, 5);
+  layer.delta().init(lora::init::UniformBoth{}, 5);
   Eigen::Matrix<TestType, Eigen::Dynamic, 1> x(in);
   fill(x, 6);
   const Eigen::Matrix<TestType, Eigen::Dynamic, 1> y = layer.forward(x);
@@ -133,7 +133,7 @@ TEMPLATE_TEST_CASE("unmerge(merge(W)) returns W within 4 eps (|W| + |s B A|)", "
   fill(W, 7);
   const lora::RowMatrix<T> original = W;
   lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, r, {.alpha = 3}}};
-  layer.delta().init(lora::init::uniform_both{}, 8);
+  layer.delta().init(lora::init::UniformBoth{}, 8);
   const lora::RowMatrix<T> dW = layer.delta().scale() * (layer.delta().B() * layer.delta().A());
   const lora::RowMatrix<T> absdW =
       (T(0.6) * (layer.delta().B().cwiseAbs() * layer.delta().A().cwiseAbs())).eval();
@@ -191,12 +191,12 @@ TEST_CASE("safe_merge refuses non-finite results and leaves W bit-identical", "[
   lora::RowMatrix<float> W(out, in);
   fill(W, 9);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{out, in, {.alpha = 2}}};
-  layer.delta().init(lora::init::uniform_both{}, 10);
+  layer.delta().init(lora::init::UniformBoth{}, 10);
   const lora::RowMatrix<float> before = layer.base_weight();
 
   SECTION("NaN in B") {
     layer.delta().B()(100, 1) = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_AS(layer.safe_merge(), lora::numeric_error);
+    CHECK_THROWS_AS(layer.safe_merge(), lora::NumericError);
     CHECK_THROWS_WITH(layer.safe_merge(), Catch::Contains("not finite at row 100, column 0") &&
                                               Catch::Contains("W was left unchanged"));
   }
@@ -221,7 +221,7 @@ TEST_CASE("safe_merge merges finite updates", "[merge][safe]") {
 TEST_CASE("scale rules: alpha / r, rsLoRA, user scale, multiplier", "[scale]") {
   using D = lora::LowRankDelta<float>;
   CHECK(D(16, 16, 4, {.alpha = 8}).scale() == 2.0f);
-  CHECK(D(16, 16, 4, {.alpha = 8, .rule = lora::scaling::rslora}).scale() == 4.0f);
+  CHECK(D(16, 16, 4, {.alpha = 8, .rule = lora::Scaling::rslora}).scale() == 4.0f);
   CHECK(D(16, 16, 4).scale() == 1.0f);  // alpha = 0: the user scale, 1 by default
   CHECK(D(16, 16, 4, {.alpha = 0, .user_scale = 0.75}).scale() == 0.75f);
   D d(16, 16, 8, {.alpha = 16, .multiplier = 0.5});
@@ -239,7 +239,7 @@ TEST_CASE("the effective weight is a lazy expression W + s B A", "[expr]") {
   fill(X, 13);
   fill(G, 14);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<double, 3>{out, in, {.alpha = 6}}};
-  layer.delta().init(lora::init::uniform_both{}, 15);
+  layer.delta().init(lora::init::UniformBoth{}, 15);
   const lora::RowMatrix<double> dense = W + 2.0 * layer.delta().B() * layer.delta().A();
 
   const lora::RowMatrix<double> materialised = lora::expr::materialize(layer.weight());
@@ -280,15 +280,15 @@ TEST_CASE("the effective weight is a lazy expression W + s B A", "[expr]") {
 TEST_CASE("typed errors name the function and the values", "[errors]") {
   using Catch::Contains;
   SECTION("ranks") {
-    CHECK_THROWS_AS(lora::LowRankDelta<float>(8, 4, 5), lora::rank_error);
+    CHECK_THROWS_AS(lora::LowRankDelta<float>(8, 4, 5), lora::RankError);
     CHECK_THROWS_WITH(lora::LowRankDelta<float>(8, 4, 5),
                       Contains("LowRankDelta: rank 5 must satisfy 0 < r <= min(out, in) = 4"));
     CHECK_THROWS_WITH(lora::LowRankDelta<float>(8, 4, 0), Contains("rank 0"));
     CHECK_THROWS_WITH((lora::LowRankDelta<float, 4>(8, 8, 2)),
                       Contains("rank 2 given for a static rank of 4"));
-    CHECK_THROWS_AS((lora::LowRankDelta<float, 16>(8, 32)), lora::rank_error);
-    CHECK_THROWS_AS(lora::LowRankDelta<float>(0, 4, 1), lora::shape_error);
-    CHECK_THROWS_AS(lora::LowRankDelta<float>(8, 4, 5), lora::error);  // common base
+    CHECK_THROWS_AS((lora::LowRankDelta<float, 16>(8, 32)), lora::RankError);
+    CHECK_THROWS_AS(lora::LowRankDelta<float>(0, 4, 1), lora::ShapeError);
+    CHECK_THROWS_AS(lora::LowRankDelta<float>(8, 4, 5), lora::Error);  // common base
   }
   SECTION("shapes") {
     lora::RowMatrix<float> W = lora::RowMatrix<float>::Zero(4096, 64);
@@ -296,7 +296,7 @@ TEST_CASE("typed errors name the function and the values", "[errors]") {
                       Contains("base weight is [out, in] = [4096, 64] but the delta is [64, 64]"));
     lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{4096, 64}};
     lora::RowMatrix<float> X(3, 768), Y(3, 4096);
-    CHECK_THROWS_AS(layer.forward(X, Y), lora::shape_error);
+    CHECK_THROWS_AS(layer.forward(X, Y), lora::ShapeError);
     CHECK_THROWS_WITH(layer.forward(X, Y),
                       Contains("AdaptedLinear::forward: X has 768 columns, expected in_features = 64"));
     lora::RowMatrix<float> X2(3, 64), Y2(2, 4096);
@@ -305,7 +305,7 @@ TEST_CASE("typed errors name the function and the values", "[errors]") {
     CHECK_THROWS_WITH((lora::AdaptedLinear{W, bias, lora::LowRankDelta<float, 2>{4096, 64}}),
                       Contains("bias has 10 entries, expected out_features = 4096"));
     layer.delta().A().resize(2, 63);  // a user broke the factor's shape
-    CHECK_THROWS_AS(layer.forward(X2, layer.forward(X2)), lora::shape_error);
+    CHECK_THROWS_AS(layer.forward(X2, layer.forward(X2)), lora::ShapeError);
   }
   SECTION("in-place forward is refused") {
     lora::RowMatrix<float> W = lora::RowMatrix<float>::Identity(8, 8);
@@ -326,7 +326,7 @@ TEST_CASE("forward is const and safe from several threads", "[threads]") {
   fill(X, 17);
   const lora::AdaptedLinear layer = [&] {
     lora::AdaptedLinear l{W, lora::LowRankDelta<float, 4>{out, in, {.alpha = 8}}};
-    l.delta().init(lora::init::uniform_both{}, 18);
+    l.delta().init(lora::init::UniformBoth{}, 18);
     return l;
   }();
   const lora::RowMatrix<float> expected = layer.forward(X);
@@ -370,7 +370,7 @@ void for_token_counts(index_t out, index_t in, index_t r, std::uint64_t seed, st
   lora::RowMatrix<T> W(out, in);
   fill(W, seed);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<T>{out, in, r, {.alpha = 2.0 * double(r)}}};
-  layer.delta().init(lora::init::uniform_both{}, seed + 1);
+  layer.delta().init(lora::init::UniformBoth{}, seed + 1);
   for (index_t n : ns) {
     CAPTURE(n);
     lora::RowMatrix<T> X(n, in);
@@ -436,7 +436,7 @@ TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the ref
       const lora::RowMatrix<T> C0 = C;
       if (beta == T(0)) C.setConstant(std::numeric_limits<T>::quiet_NaN());  // beta = 0 must not read C
       const T alpha = T(0.75);
-      lora::eigen_backend::gemm_nn(alpha, A, B, beta, C);
+      lora::EigenBackend::gemm_nn(alpha, A, B, beta, C);
       const long double gamma = 2.0L * (k + 2) * std::numeric_limits<T>::epsilon();
       long double worst = 0;
       for (index_t i = 0; i < m; ++i)
@@ -457,9 +457,9 @@ TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the ref
 // ---- the backend concept: optional pieces fall back to required ones ------------
 
 namespace {
-// The Eigen backend with every optional piece hidden, so backend_ops<> takes
+// The Eigen backend with every optional piece hidden, so BackendOps<> takes
 // the fallbacks (built from gemm, fill, to_host...).
-struct minimal_backend : lora::eigen_backend {
+struct minimal_backend : lora::EigenBackend {
   template <class... Args>
   static void copy(Args&&...) = delete;
   template <class... Args>
@@ -468,32 +468,32 @@ struct minimal_backend : lora::eigen_backend {
   static void sum_rows(Args&&...) = delete;
   template <class M>
   static index_t first_non_finite(const M&) = delete;
-  using lora::eigen_backend::first_non_finite;  // the pointer form is required
+  using lora::EigenBackend::first_non_finite;  // the pointer form is required
   template <class... Args>
   static void fill_random(Args&&...) = delete;
 };
-static_assert(lora::Backend<lora::eigen_backend, float> && lora::Backend<lora::eigen_backend, double>);
+static_assert(lora::Backend<lora::EigenBackend, float> && lora::Backend<lora::EigenBackend, double>);
 static_assert(lora::Backend<minimal_backend, float>, "only optional pieces are missing");
 template <class B>
 constexpr bool has_own_pieces = requires(lora::RowMatrix<float>& m, Eigen::VectorXf& v) {
-  B::fill_random(m, lora::uniform_dist{}, 1u, 1u);
+  B::fill_random(m, lora::UniformDist{}, 1u, 1u);
   B::add_to_rows(1.0f, v, m);
   B::sum_rows(1.0f, m, 0.0f, v);
   B::copy(m, m);
   { B::first_non_finite(m) } -> std::same_as<index_t>;
 };
-static_assert(has_own_pieces<lora::eigen_backend> && !has_own_pieces<minimal_backend>);
+static_assert(has_own_pieces<lora::EigenBackend> && !has_own_pieces<minimal_backend>);
 }  // namespace
 
-TEMPLATE_TEST_CASE("backend_ops: the fallbacks of optional pieces equal the Eigen backend's own", "[backend]", float,
+TEMPLATE_TEST_CASE("BackendOps: the fallbacks of optional pieces equal the Eigen backend's own", "[backend]", float,
                    double) {
   using T = TestType;
-  using full = lora::backend_ops<lora::eigen_backend>;
-  using minimal = lora::backend_ops<minimal_backend>;
+  using full = lora::BackendOps<lora::EigenBackend>;
+  using minimal = lora::BackendOps<minimal_backend>;
   const index_t n = 5, out = 7;
   lora::RowMatrix<T> a(n, out), b(n, out);
-  full::fill_random(a, lora::uniform_dist{-1.0, 1.0}, 3, 4);
-  minimal::fill_random(b, lora::uniform_dist{-1.0, 1.0}, 3, 4);
+  full::fill_random(a, lora::UniformDist{-1.0, 1.0}, 3, 4);
+  minimal::fill_random(b, lora::UniformDist{-1.0, 1.0}, 3, 4);
   CHECK(a == b);  // the same counter-based draws, bit for bit
   lora::RowMatrix<T> c(n, out);
   minimal::copy(a, c);

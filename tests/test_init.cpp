@@ -17,10 +17,10 @@ TEST_CASE("mix64 is splitmix64's finaliser (published first output)", "[rng]") {
   CHECK(lora::detail::random_bits(1, 0, 5) == lora::detail::random_bits(1, 0, 5));
 }
 
-TEMPLATE_TEST_CASE("kaiming_zero: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0", "[init]", float, double) {
+TEMPLATE_TEST_CASE("KaimingZero: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0", "[init]", float, double) {
   const index_t out = 96, in = 400, r = 32;
   lora::LowRankDelta<TestType> d(out, in, r);
-  d.init(lora::init::kaiming_zero{}, 42);
+  d.init(lora::init::KaimingZero{}, 42);
   const double bound = 1.0 / std::sqrt(double(in));
   const auto& A = d.A();
   CHECK(A.cwiseAbs().maxCoeff() <= bound);
@@ -33,8 +33,8 @@ TEMPLATE_TEST_CASE("kaiming_zero: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0", "[init
   CHECK(var == Approx(bound * bound / 3).epsilon(0.05));
 
   lora::LowRankDelta<TestType> again(out, in, r), other(out, in, r);
-  again.init(lora::init::kaiming_zero{}, 42);
-  other.init(lora::init::kaiming_zero{}, 43);
+  again.init(lora::init::KaimingZero{}, 42);
+  other.init(lora::init::KaimingZero{}, 43);
   CHECK(again.A() == d.A());  // reproducible
   CHECK(other.A() != d.A());
 }
@@ -42,7 +42,7 @@ TEMPLATE_TEST_CASE("kaiming_zero: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0", "[init
 TEST_CASE("the default init leaves the layer equal to its base", "[init]") {
   lora::RowMatrix<float> W = lora::RowMatrix<float>::Random(20, 30), X = lora::RowMatrix<float>::Random(4, 30);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 4>{20, 30, {.alpha = 8}}};
-  layer.delta().init(lora::init::kaiming_zero{}, 1);
+  layer.delta().init(lora::init::KaimingZero{}, 1);
   const lora::RowMatrix<float> base = X * W.transpose();
   CHECK(layer.forward(X) == base);
 }
@@ -50,7 +50,7 @@ TEST_CASE("the default init leaves the layer equal to its base", "[init]") {
 TEST_CASE("gaussian: A ~ N(0, 1/r^2), B = 0", "[init]") {
   const index_t r = 8;
   lora::LowRankDelta<double, r> d(512, 600);
-  d.init(lora::init::gaussian{}, 3);
+  d.init(lora::init::Gaussian{}, 3);
   const Eigen::ArrayXXd a = d.A().array();
   const double mean = a.mean(), sd = std::sqrt((a - mean).square().mean());
   CHECK(std::abs(mean) < 0.01);          // SE = (1/8) / sqrt(4800) ~ 0.0018
@@ -58,14 +58,14 @@ TEST_CASE("gaussian: A ~ N(0, 1/r^2), B = 0", "[init]") {
   CHECK(d.B().isZero(0));
 }
 
-TEST_CASE("from_dense reproduces a rank-k delta for r >= k", "[init][svd]") {
+TEST_CASE("FromDense reproduces a rank-k delta for r >= k", "[init][svd]") {
   const index_t out = 40, in = 30, k = 3;
   const lora::RowMatrix<double> B0 = lora::RowMatrix<double>::Random(out, k);
   const lora::RowMatrix<double> A0 = lora::RowMatrix<double>::Random(k, in);
   const lora::RowMatrix<double> dW = B0 * A0;
   for (index_t r : {3, 5}) {
     lora::LowRankDelta<double> d(out, in, r, {.alpha = 2.0 * r});
-    const auto rep = d.init(lora::init::from_dense{dW});
+    const auto rep = d.init(lora::init::FromDense{dW});
     const lora::RowMatrix<double> approx = d.scale() * d.B() * d.A();
     CHECK((approx - dW).norm() < 1e-10 * dW.norm());
     CHECK(rep.kept_energy == Approx(1.0).margin(1e-12));
@@ -73,14 +73,14 @@ TEST_CASE("from_dense reproduces a rank-k delta for r >= k", "[init][svd]") {
   }
 }
 
-TEST_CASE("from_dense meets the Eckart-Young error for r < k", "[init][svd]") {
+TEST_CASE("FromDense meets the Eckart-Young error for r < k", "[init][svd]") {
   const index_t out = 25, in = 35;
   const lora::RowMatrix<double> dW = lora::RowMatrix<double>::Random(out, in);  // full rank 25
   const Eigen::JacobiSVD<Eigen::MatrixXd> ref(dW);  // independent reference SVD
   const Eigen::VectorXd sv = ref.singularValues();
   for (index_t r : {1, 4, 10}) {
     lora::LowRankDelta<float> d(out, in, r, {.alpha = 16});
-    const auto rep = d.init(lora::init::from_dense{dW.cast<float>().eval()});
+    const auto rep = d.init(lora::init::FromDense{dW.cast<float>().eval()});
     const Eigen::MatrixXd approx = d.scale() * (d.B().cast<double>() * d.A().cast<double>());
     const double err = (dW - approx).norm(), best = std::sqrt(sv.tail(sv.size() - r).squaredNorm());
     CHECK(err == Approx(best).epsilon(1e-4));  // float factors
@@ -113,9 +113,9 @@ TEST_CASE("PiSSA: residual base + adapter reproduces W", "[init][pissa]") {
 TEST_CASE("SVD inits reject bad input", "[init][errors]") {
   lora::LowRankDelta<float> d(10, 12, 2, {.alpha = 4});
   const lora::RowMatrix<float> wrong = lora::RowMatrix<float>::Zero(12, 10);
-  CHECK_THROWS_WITH(d.init(lora::init::from_dense{wrong}),
-                    Catch::Contains("init::from_dense: delta is [12, 10], expected [out, in] = [10, 12]"));
+  CHECK_THROWS_WITH(d.init(lora::init::FromDense{wrong}),
+                    Catch::Contains("init::FromDense: delta is [12, 10], expected [out, in] = [10, 12]"));
   d.set_multiplier(0);
   const lora::RowMatrix<float> right = lora::RowMatrix<float>::Ones(10, 12);
-  CHECK_THROWS_AS(d.init(lora::init::from_dense{right}), lora::value_error);
+  CHECK_THROWS_AS(d.init(lora::init::FromDense{right}), lora::ValueError);
 }

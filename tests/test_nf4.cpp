@@ -366,37 +366,37 @@ TEST_CASE("nf4: bad input throws typed errors that name the values", "[nf4][erro
   for (const index_t bs : {48, 16, 8192, 0, -64}) {
     const std::string msg = "NF4Matrix::quantize: block_size " + std::to_string(bs) +
                             " is not a power of two in [32, 4096]";
-    CHECK_THROWS_AS(NF4Matrix::quantize(x.data(), 2, 48, {.block_size = bs}), lora::value_error);
+    CHECK_THROWS_AS(NF4Matrix::quantize(x.data(), 2, 48, {.block_size = bs}), lora::ValueError);
     CHECK_THROWS_WITH(NF4Matrix::quantize(x.data(), 2, 48, {.block_size = bs}), msg);
   }
   std::vector<float> bad = x;
   bad[50] = std::numeric_limits<float>::quiet_NaN();
-  CHECK_THROWS_AS(NF4Matrix::quantize(bad.data(), 2, 48), lora::value_error);
+  CHECK_THROWS_AS(NF4Matrix::quantize(bad.data(), 2, 48), lora::ValueError);
   CHECK_THROWS_WITH(NF4Matrix::quantize(bad.data(), 2, 48),
                     Catch::Contains("NF4Matrix::quantize: non-finite value nan at flat index 50 (row 1, column 2)"));
   bad[50] = 0.0f;
   bad[3] = -std::numeric_limits<float>::infinity();
   CHECK_THROWS_WITH(NF4Matrix::quantize(bad.data(), 2, 48), Catch::Contains("-inf at flat index 3"));
-  CHECK_THROWS_AS(NF4Matrix::quantize(x.data(), -1, 3), lora::shape_error);
+  CHECK_THROWS_AS(NF4Matrix::quantize(x.data(), -1, 3), lora::ShapeError);
 
   const NF4Matrix q = NF4Matrix::quantize(x.data(), 2, 48);
   std::vector<float> y(2), x47(47), y3(3);
-  CHECK_THROWS_AS(lora::nf4_gemv(q, x47, y), lora::shape_error);
+  CHECK_THROWS_AS(lora::nf4_gemv(q, x47, y), lora::ShapeError);
   CHECK_THROWS_WITH(lora::nf4_gemv(q, x47, y), Catch::Contains("nf4_gemv: x has 47 elements, expected W.cols() = 48"));
   CHECK_THROWS_WITH(lora::nf4_gemv(q, std::span<const float>(x.data(), 48), y3),
                     Catch::Contains("nf4_gemv: y has 3 elements, expected W.rows() = 2"));
   Dense X(4, 47), Y(4, 2), X48(4, 48), Y3(3, 2);
-  CHECK_THROWS_AS(lora::nf4_gemm(q, X, Y), lora::shape_error);
+  CHECK_THROWS_AS(lora::nf4_gemm(q, X, Y), lora::ShapeError);
   CHECK_THROWS_WITH(lora::nf4_gemm(q, X, Y), Catch::Contains("nf4_gemm: X has 47 columns, expected W.cols() = 48"));
   CHECK_THROWS_WITH(lora::nf4_gemm(q, X48, Y3), Catch::Contains("nf4_gemm: Y is 3 x 2, expected 4 x 2"));
   std::vector<float> out(200);
-  CHECK_THROWS_AS(q.dequantize_rows(1, 2, out.data()), lora::shape_error);
+  CHECK_THROWS_AS(q.dequantize_rows(1, 2, out.data()), lora::ShapeError);
   CHECK_THROWS_WITH(q.dequantize_rows(1, 2, out.data()), Catch::Contains("rows [1, 3) are outside [0, 2)"));
 
   const std::vector<std::uint8_t> packed(48);
   const std::vector<float> absmax(3);
   CHECK_NOTHROW(NF4Matrix::from_parts(2, 48, 32, packed, absmax));
-  CHECK_THROWS_AS(NF4Matrix::from_parts(2, 48, 32, std::span(packed).first(47), absmax), lora::format_error);
+  CHECK_THROWS_AS(NF4Matrix::from_parts(2, 48, 32, std::span(packed).first(47), absmax), lora::FormatError);
   CHECK_THROWS_WITH(NF4Matrix::from_parts(2, 48, 32, std::span(packed).first(47), absmax),
                     Catch::Contains("packed has 47 entries, expected 48"));
   CHECK_THROWS_WITH(NF4Matrix::from_parts(2, 48, 64, packed, absmax), Catch::Contains("absmax has 3 entries, expected 2"));
@@ -405,7 +405,7 @@ TEST_CASE("nf4: bad input throws typed errors that name the values", "[nf4][erro
                     Catch::Contains("map8 has 255 entries, expected 256"));
   std::vector<float> unsorted(lora::dynamic_map::signed_values, lora::dynamic_map::signed_values + 256);
   std::swap(unsorted[10], unsorted[11]);
-  CHECK_THROWS_AS(NF4Matrix::quantize(x.data(), 2, 48, {.double_quant = true, .map8 = unsorted}), lora::value_error);
+  CHECK_THROWS_AS(NF4Matrix::quantize(x.data(), 2, 48, {.double_quant = true, .map8 = unsorted}), lora::ValueError);
 }
 
 TEST_CASE("dynamic map: the embedded table equals data/bnb_dynamic_map_signed.tsv", "[nf4][map]") {
@@ -453,7 +453,7 @@ TEST_CASE("dynamic map: the construction reproduces the table to 1 ulp in exactl
   CHECK(std::is_sorted(unsigned_map.begin(), unsigned_map.end()));
   CHECK(unsigned_map.front() == 0.0f);
   CHECK(unsigned_map.back() == 1.0f);
-  CHECK_THROWS_AS(lora::dynamic_map::create_dynamic_map(true, 9, 8), lora::value_error);
+  CHECK_THROWS_AS(lora::dynamic_map::create_dynamic_map(true, 9, 8), lora::ValueError);
   // encode: ties at a midpoint go to the lower code.
   for (int k = 0; k < 255; k += 17)
     CHECK(lora::dynamic_map::encode(lora::dynamic_map::signed_thresholds[k], lora::dynamic_map::signed_thresholds) ==

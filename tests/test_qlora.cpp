@@ -21,7 +21,7 @@ namespace train = lora::train;
 
 template <class M>
 void fill(M& m, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  lora::eigen_backend::fill_random(m, lora::uniform_dist{lo, hi}, seed, 7);
+  lora::EigenBackend::fill_random(m, lora::UniformDist{lo, hi}, seed, 7);
 }
 
 // A base quantised from random data, and the delta with non-zero B (so the
@@ -202,7 +202,7 @@ TEMPLATE_TEST_CASE_SIG("qlora backward: dX through deq(Wq), dA and dB as over th
 
 TEST_CASE("qlora training: AdamW steps follow the dense twin; loss falls", "[qlora][train]") {
   auto layer = make_qlora<4>(32, 64, 4, true);
-  layer.delta().init(lora::init::kaiming_zero{}, 3);
+  layer.delta().init(lora::init::KaimingZero{}, 3);
   auto twin = dense_twin(layer);
   // Teacher: the dense twin plus a rank-2 change the adapter can learn.
   RowMatrix<float> U(32, 2), V(2, 64), X(64, 64);
@@ -249,7 +249,7 @@ TEST_CASE("qlora merge: dense merged weight is exact; requantised with an error 
       CAPTURE(dq);
       auto layer = make_qlora<8>(64, 96, 8, dq);
       const RowMatrix<float> exact = lora::merged_weight(layer);
-      const lora::nf4_merge_result m = lora::merge_to_nf4(layer);
+      const lora::NF4MergeResult m = lora::merge_to_nf4(layer);
       CHECK(m.weight.block_size() == 64);
       CHECK(m.weight.double_quantized() == dq);
       const RowMatrix<float> back = m.weight.dequantize();
@@ -291,7 +291,7 @@ TEST_CASE("qlora merge: dense merged weight is exact; requantised with an error 
     CHECK(m.weight.block_size() == 128);
     CHECK_FALSE(m.weight.double_quantized());
     layer.delta().B()(3, 1) = std::numeric_limits<float>::infinity();
-    CHECK_THROWS_AS(lora::merge_to_nf4(layer), lora::value_error);
+    CHECK_THROWS_AS(lora::merge_to_nf4(layer), lora::ValueError);
   }
 }
 
@@ -316,7 +316,7 @@ TEST_CASE("qlora errors: shapes are checked and named", "[qlora][errors]") {
   RowMatrix<float> X(3, 63), Y(3, 16);
   CHECK_THROWS_WITH(layer.forward(X, Y), Catch::Contains("X has 63 columns, expected in_features = 64"));
   RowMatrix<float> X2(3, 64), Y2(2, 16);
-  CHECK_THROWS_AS(layer.forward(X2, Y2), lora::shape_error);
+  CHECK_THROWS_AS(layer.forward(X2, Y2), lora::ShapeError);
   static_assert(decltype(layer)::base_is_quantized && !decltype(layer)::base_is_writable);
 }
 
@@ -458,7 +458,7 @@ TEST_CASE("16-bit base: merge_rounded refuses values beyond fp16's range", "[hal
   delta.A().setConstant(1);
   delta.B().setConstant(10000);
   lora::AdaptedLinear layer{W, delta};
-  CHECK_THROWS_AS(lora::merge_rounded(layer), lora::numeric_error);
+  CHECK_THROWS_AS(lora::merge_rounded(layer), lora::NumericError);
   CHECK_THROWS_WITH(lora::merge_rounded(layer), Catch::Contains("beyond the 16-bit range once rounded") &&
                                                     Catch::Contains("row 0, column 0"));
 }

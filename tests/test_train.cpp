@@ -18,7 +18,7 @@ namespace train = lora::train;
 
 template <class M>
 void fill(M& m, std::uint64_t seed) {
-  lora::eigen_backend::fill_random(m, lora::uniform_dist{-1.0, 1.0}, seed, 77);
+  lora::EigenBackend::fill_random(m, lora::UniformDist{-1.0, 1.0}, seed, 77);
 }
 
 template <class T, int R>
@@ -28,7 +28,7 @@ auto make_layer(index_t out, index_t in, index_t r, std::uint64_t seed) {
   Eigen::Matrix<T, Eigen::Dynamic, 1> b(out);
   fill(b, seed + 1);
   lora::AdaptedLinear layer{std::move(W), std::move(b), lora::LowRankDelta<T, R>{out, in, r, {.alpha = 3.0}}};
-  layer.delta().init(lora::init::uniform_both{}, seed + 2);  // B != 0 so every gradient is non-trivial
+  layer.delta().init(lora::init::UniformBoth{}, seed + 2);  // B != 0 so every gradient is non-trivial
   return layer;
 }
 
@@ -208,7 +208,7 @@ TEST_CASE("backward: B = 0 at init gives dA = 0 and dB != 0", "[backward]") {
   fill(X, 2);
   fill(G, 3);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 4>{16, 12, {.alpha = 8}}};
-  layer.delta().init(lora::init::kaiming_zero{}, 4);
+  layer.delta().init(lora::init::KaimingZero{}, 4);
   train::Tape<decltype(layer)> tape;
   train::Gradients<decltype(layer)> grads(layer);
   train::forward(layer, X, Y, tape);
@@ -244,7 +244,7 @@ TEST_CASE("dropout: counter-based mask, inverted scaling, eval mode, bad p", "[d
   const index_t n = 64, in = 128, out = 8;
   lora::RowMatrix<double> X = lora::RowMatrix<double>::Ones(n, in), D(n, in);
   const train::Dropout drop(0.25, 42);
-  lora::eigen_backend::dropout(1.0, X, 0.0, D, drop.p(), drop.seed(), 7);
+  lora::EigenBackend::dropout(1.0, X, 0.0, D, drop.p(), drop.seed(), 7);
   index_t kept = 0;
   for (index_t t = 0; t < n; ++t)
     for (index_t i = 0; i < in; ++i) {
@@ -257,8 +257,8 @@ TEST_CASE("dropout: counter-based mask, inverted scaling, eval mode, bad p", "[d
   // 8192 Bernoulli(0.75) draws: mean 6144, sd 39; 5 sd either side.
   CHECK(std::abs(kept - 6144) < 200);
   lora::RowMatrix<double> D2(n, in), D3(n, in);
-  lora::eigen_backend::dropout(1.0, X, 0.0, D2, drop.p(), drop.seed(), 7);
-  lora::eigen_backend::dropout(1.0, X, 0.0, D3, drop.p(), drop.seed(), 8);
+  lora::EigenBackend::dropout(1.0, X, 0.0, D2, drop.p(), drop.seed(), 7);
+  lora::EigenBackend::dropout(1.0, X, 0.0, D3, drop.p(), drop.seed(), 8);
   CHECK(D2 == D);
   CHECK(D3 != D);
 
@@ -267,7 +267,7 @@ TEST_CASE("dropout: counter-based mask, inverted scaling, eval mode, bad p", "[d
     fill(W, 1);
     fill(Xr, 2);
     lora::AdaptedLinear layer{W, lora::LowRankDelta<double, 2>{out, in, {.alpha = 4}}};
-    layer.delta().init(lora::init::uniform_both{}, 3);
+    layer.delta().init(lora::init::UniformBoth{}, 3);
     train::Tape<decltype(layer)> tape;
     train::Dropout d(0.5, 1);
     train::forward(layer, Xr, Y, tape, d, 0);
@@ -281,9 +281,9 @@ TEST_CASE("dropout: counter-based mask, inverted scaling, eval mode, bad p", "[d
     CHECK(Y == layer.forward(Xr));
   }
   SECTION("p outside [0, 1)") {
-    CHECK_THROWS_AS(train::Dropout(1.0), lora::value_error);
+    CHECK_THROWS_AS(train::Dropout(1.0), lora::ValueError);
     CHECK_THROWS_WITH(train::Dropout(-0.1), Catch::Contains("p = -0.1 must satisfy 0 <= p < 1"));
-    CHECK_THROWS_AS(train::Dropout(std::numeric_limits<double>::quiet_NaN()), lora::value_error);
+    CHECK_THROWS_AS(train::Dropout(std::numeric_limits<double>::quiet_NaN()), lora::ValueError);
     CHECK_NOTHROW(train::Dropout(0.0));
     CHECK_NOTHROW(train::Dropout(0.999));
   }
@@ -374,7 +374,7 @@ TEST_CASE("LoRA+ ratio, global-norm clipping, non-finite gradients", "[optim]") 
     train::AdamW<float> opt;
     opt.add(layer, grads, "blocks.0.attn.q");
     grads.dB()(4, 1) = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_AS(opt.step(), lora::numeric_error);
+    CHECK_THROWS_AS(opt.step(), lora::NumericError);
     CHECK_THROWS_WITH(opt.step(), Catch::Contains("train::AdamW::step: gradient of 'blocks.0.attn.q.lora_B' is "
                                                   "not finite at row 4, column 1") &&
                                       Catch::Contains("no parameter was updated"));
@@ -393,9 +393,9 @@ TEST_CASE("LoRA+ ratio, global-norm clipping, non-finite gradients", "[optim]") 
     CHECK(std::isfinite(opt.step()));
   }
   SECTION("bad options") {
-    CHECK_THROWS_AS(train::AdamW<float>({.beta1 = 1.0}), lora::value_error);
-    CHECK_THROWS_AS(train::SGD<float>({.nesterov = true}), lora::value_error);
-    CHECK_THROWS_AS(train::SGD<float>({.lora_plus_ratio = 0}), lora::value_error);
+    CHECK_THROWS_AS(train::AdamW<float>({.beta1 = 1.0}), lora::ValueError);
+    CHECK_THROWS_AS(train::SGD<float>({.nesterov = true}), lora::ValueError);
+    CHECK_THROWS_AS(train::SGD<float>({.lora_plus_ratio = 0}), lora::ValueError);
   }
 }
 
@@ -411,7 +411,7 @@ TEST_CASE("backward rejects bad shapes with the function and the values", "[erro
                     Catch::Contains("AdaptedLinear::backward: the tape is empty"));
   train::forward(layer, X, Y, tape);
   lora::RowMatrix<float> G_bad(3, 5), dX_bad(4, 6), X_bad(3, 5);
-  CHECK_THROWS_AS(train::backward(layer, X, G_bad, tape, grads), lora::shape_error);
+  CHECK_THROWS_AS(train::backward(layer, X, G_bad, tape, grads), lora::ShapeError);
   CHECK_THROWS_WITH(train::backward(layer, X, G_bad, tape, grads),
                     Catch::Contains("AdaptedLinear::backward: G is [3, 5], expected [n, out] = [4, 6]"));
   CHECK_THROWS_WITH(train::backward(layer, X, G, tape, grads, dX_bad),
@@ -436,7 +436,7 @@ TEST_CASE("backward rejects bad shapes with the function and the values", "[erro
 
 TEST_CASE("memory accounting: known shapes and the LoRA paper's GPT-3 175B arithmetic", "[memory]") {
   SECTION("one 4096 x 4096 projection, r = 8, fp32, AdamW") {
-    const auto m = train::memory_usage(train::layer_shape{4096, 4096, 8});
+    const auto m = train::memory_usage(train::LayerShape{4096, 4096, 8});
     CHECK(m.frozen_parameters == 4096u * 4096u);
     CHECK(m.trainable_parameters == 8u * 8192u);
     CHECK(m.frozen_bytes == 4.0 * 4096 * 4096);
@@ -462,8 +462,8 @@ TEST_CASE("memory accounting: known shapes and the LoRA paper's GPT-3 175B arith
   }
   SECTION("GPT-3 175B: 96 layers, d = 12288, W_q and W_v at r = 4, fp16, Adam") {
     const index_t d = 12288;
-    std::vector<train::layer_shape> adapted(2 * 96, train::layer_shape{d, d, 4});
-    const train::memory_options fp16{.bytes = train::precision::fp16(), .optimizer_states = 2};
+    std::vector<train::LayerShape> adapted(2 * 96, train::LayerShape{d, d, 4});
+    const train::MemoryOptions fp16{.bytes = train::Precision::fp16(), .optimizer_states = 2};
     const double P = 175e9;  // the paper's parameter count
     const auto m = train::memory_usage(adapted, fp16) + train::other_parameters(std::uint64_t(P) - 192u * d * d, fp16);
     CHECK(m.trainable_parameters == 18874368u);  // 2 * 96 * 4 * (12288 + 12288)
@@ -481,8 +481,8 @@ TEST_CASE("memory accounting: known shapes and the LoRA paper's GPT-3 175B arith
     CHECK(m.memory_ratio() == Approx(4.0).epsilon(2e-3));
   }
   SECTION("bad shapes") {
-    CHECK_THROWS_AS(train::memory_usage(train::layer_shape{8, 8, 9}), lora::shape_error);
-    CHECK_THROWS_AS(train::memory_usage(train::layer_shape{8, 8, 2, false, true}), lora::value_error);
+    CHECK_THROWS_AS(train::memory_usage(train::LayerShape{8, 8, 9}), lora::ShapeError);
+    CHECK_THROWS_AS(train::memory_usage(train::LayerShape{8, 8, 2, false, true}), lora::ValueError);
   }
 }
 
@@ -502,7 +502,7 @@ run_result tiny_training_run(double p, int steps) {
   fill(V, 4);
   const lora::RowMatrix<float> target = X * (W + 0.5f * U * V).transpose();
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 2>{out, in, {.alpha = 2}}};
-  layer.delta().init(lora::init::kaiming_zero{}, 5);
+  layer.delta().init(lora::init::KaimingZero{}, 5);
   using Layer = decltype(layer);
   train::Tape<Layer> tape;
   train::Gradients<Layer> grads(layer);
@@ -552,7 +552,7 @@ template <class T>
 class FrozenADelta {
  public:
   using scalar = T;
-  using backend = lora::eigen_backend;
+  using backend = lora::EigenBackend;
   static constexpr int rank_at_compile_time = lora::dynamic;
   struct gradients {
     lora::RowMatrix<T> db;  // (out, r): no dA, A does not train
@@ -568,13 +568,13 @@ class FrozenADelta {
   auto expression() const { return expression(s_); }
   auto expression(T s) const { return s * lora::expr::product(b_, a_); }
   void check_consistent(const char* where) const {
-    if (b_.cols() != a_.rows()) lora::detail::raise<lora::shape_error>(where, ": B and A disagree on the rank");
+    if (b_.cols() != a_.rows()) lora::detail::raise<lora::ShapeError>(where, ": B and A disagree on the rank");
   }
   index_t trainable_parameters() const { return b_.size(); }
   gradients make_gradients() const { return {lora::RowMatrix<T>::Zero(b_.rows(), b_.cols())}; }
   template <class F>
   void for_each_parameter(gradients& g, F&& f) {
-    f("lora_B", lora::param_role::up, b_, g.db);
+    f("lora_B", lora::ParamRole::up, b_, g.db);
   }
   template <class D, class WS>
   void record(const D& d, WS& saved) const {
@@ -688,13 +688,13 @@ TEST_CASE("a recording workspace keeps H = X A^T through expr::apply, also at sc
   const lora::RowMatrix<float> H = X * layer.delta().A().transpose();
   for (const double m : {1.0, 0.0}) {
     layer.delta().set_multiplier(m);
-    lora::expr::recording<lora::eigen_backend::workspace<float>> rec;
+    lora::expr::Recording<lora::EigenBackend::workspace<float>> rec;
     rec.matrix<3>(4, 3, 0).setConstant(std::numeric_limits<float>::quiet_NaN());  // what a skip would leave
     lora::expr::apply(layer.unmerged_expression(), X, Y, 1.0f, 0.0f, rec);
     const auto h = rec.matrix<3>(4, 3, 0);
     CHECK((h - H).cwiseAbs().maxCoeff() <= 64 * std::numeric_limits<float>::epsilon() * H.cwiseAbs().maxCoeff());
     // Inference skips the zero-scaled term and needs no scratch at all.
-    lora::eigen_backend::workspace<float> plain;
+    lora::EigenBackend::workspace<float> plain;
     lora::expr::apply(layer.unmerged_expression(), X, Y, 1.0f, 0.0f, plain);
     CHECK(plain.capacity() == (m == 0.0 ? 0 : 4 * 3));
   }

@@ -20,7 +20,7 @@
 namespace {
 
 using lora::index_t;
-using TB = lora::thrust_backend;
+using TB = lora::ThrustBackend;
 
 struct timer {
   cudaEvent_t start, stop;
@@ -58,7 +58,7 @@ struct timer {
 };
 
 template <class T>
-double max_rel_diff(const lora::device_matrix<T>& a, const lora::device_matrix<T>& b) {
+double max_rel_diff(const lora::DeviceMatrix<T>& a, const lora::DeviceMatrix<T>& b) {
   // Compare in fp32 on the host (bf16 has no Eigen scalar here).
   std::vector<T> ha(a.size()), hb(b.size());
   thrust::copy(a.storage().begin(), a.storage().end(), ha.begin());
@@ -77,18 +77,18 @@ void run_case(const char* dtype, index_t dim, index_t n, std::FILE* out) {
   using A = lora::kernels::accum_t<T>;
   const index_t in = dim, outf = dim;
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  lora::device_matrix<T> W(outf, in), Wm(outf, in), Ad(R, in), Bd(outf, R), X(n, in), Y(n, outf), Ym(n, outf);
-  TB::fill_random(W, lora::uniform_dist{-bound, bound}, 1, 0);
-  TB::fill_random(Ad, lora::uniform_dist{-bound, bound}, 2, 0);
-  TB::fill_random(Bd, lora::uniform_dist{-0.1, 0.1}, 3, 0);
-  TB::fill_random(X, lora::uniform_dist{-1.0, 1.0}, 4, 0);
+  lora::DeviceMatrix<T> W(outf, in), Wm(outf, in), Ad(R, in), Bd(outf, R), X(n, in), Y(n, outf), Ym(n, outf);
+  TB::fill_random(W, lora::UniformDist{-bound, bound}, 1, 0);
+  TB::fill_random(Ad, lora::UniformDist{-bound, bound}, 2, 0);
+  TB::fill_random(Bd, lora::UniformDist{-0.1, 0.1}, 3, 0);
+  TB::fill_random(X, lora::UniformDist{-1.0, 1.0}, 4, 0);
   const A s = A(2);  // alpha = 2 r
   // Merged weight W + s B A (in T, as a merged layer stores it).
   TB::copy(W, Wm);
   lora::cuda::gemm(false, false, outf, in, R, s, Bd.data(), Bd.stride(), Ad.data(), Ad.stride(), A(1), Wm.data(),
                    Wm.stride());
   TB::workspace<T> ws;
-  const auto base = [&](const lora::device_matrix<T>& w, lora::device_matrix<T>& y) {
+  const auto base = [&](const lora::DeviceMatrix<T>& w, lora::DeviceMatrix<T>& y) {
     lora::cuda::gemm(false, true, n, outf, in, A(1), X.data(), X.stride(), w.data(), w.stride(), A(0), y.data(),
                      y.stride());  // (n, out) = (n, in) (out, in)^T
   };

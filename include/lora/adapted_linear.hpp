@@ -71,7 +71,7 @@ class AdaptedLinear {
       : w_(std::move(weight)), bias_(std::move(bias)), delta_(std::move(delta)) {
     check_shapes();
     if (bias_.rows() != out_features())
-      detail::raise<shape_error>("AdaptedLinear: bias has ", bias_.rows(),
+      detail::raise<ShapeError>("AdaptedLinear: bias has ", bias_.rows(),
                                  " entries, expected out_features = ", out_features());
   }
 
@@ -118,7 +118,7 @@ class AdaptedLinear {
       expr::apply(base_expression(), x, y, scalar(1), scalar(0), ws);
     else
       expr::apply(unmerged_expression(), x, y, scalar(1), scalar(0), ws);
-    if (has_bias()) backend_ops<backend>::add_to_rows(scalar(1), bias_, y);
+    if (has_bias()) BackendOps<backend>::add_to_rows(scalar(1), bias_, y);
   }
 
   template <Matrix X, Matrix Y>
@@ -158,13 +158,13 @@ class AdaptedLinear {
                   "with .template cast<T>() first");
     delta_.check_consistent(where);
     if (x.cols() != in_features())
-      detail::raise<shape_error>(where, ": X has ", x.cols(), " columns, expected in_features = ",
+      detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ",
                                  in_features());
     if (y.rows() != x.rows() || y.cols() != out_features())
-      detail::raise<shape_error>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [",
+      detail::raise<ShapeError>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [",
                                  x.rows(), ", ", out_features(), "]");
     if (backend::overlaps(x, y))
-      detail::raise<shape_error>(where, ": X and Y share memory; forward cannot run in place");
+      detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
   }
 
   // ---- merge ----------------------------------------------------------------------
@@ -192,7 +192,7 @@ class AdaptedLinear {
   }
 
   /// merge() that first evaluates W + s B A block by block and refuses (throws
-  /// lora::numeric_error, W bit-identical) when any entry would be NaN or Inf.
+  /// lora::NumericError, W bit-identical) when any entry would be NaN or Inf.
   /// Costs a second rank-r update pass, never a copy of W.
   bool safe_merge() {
     require_writable();
@@ -200,7 +200,7 @@ class AdaptedLinear {
     delta_.check_consistent("AdaptedLinear::safe_merge");
     const index_t bad = expr::first_non_finite(unmerged_expression());
     if (bad >= 0)
-      detail::raise<numeric_error>("AdaptedLinear::safe_merge: W + s*B*A (s = ", delta_.scale(),
+      detail::raise<NumericError>("AdaptedLinear::safe_merge: W + s*B*A (s = ", delta_.scale(),
                                    ") is not finite at row ", bad / in_features(), ", column ",
                                    bad % in_features(), "; W was left unchanged");
     return merge();
@@ -224,7 +224,7 @@ class AdaptedLinear {
   void check_shapes() const {
     delta_.check_consistent("AdaptedLinear");
     if (delta_.out_features() != out_features() || delta_.in_features() != in_features())
-      detail::raise<shape_error>("AdaptedLinear: base weight is [out, in] = [", out_features(), ", ",
+      detail::raise<ShapeError>("AdaptedLinear: base weight is [out, in] = [", out_features(), ", ",
                                  in_features(), "] but the delta is [", delta_.out_features(), ", ",
                                  delta_.in_features(), "]");
   }

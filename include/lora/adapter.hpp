@@ -19,13 +19,13 @@ namespace lora {
 
 /// Which optimizer group a trained tensor belongs to: LoRA+ trains the
 /// up-projection B at lr * ratio, everything else at lr.
-enum class param_role { down, up, other };
+enum class ParamRole { down, up, other };
 
 namespace detail {
 /// A stand-in for the functor of for_each_parameter in the concept check.
-struct parameter_probe {
+struct ParameterProbe {
   template <class V, class G>
-  void operator()(const char*, param_role, V&, G&) const {}
+  void operator()(const char*, ParamRole, V&, G&) const {}
 };
 }  // namespace detail
 
@@ -35,7 +35,7 @@ struct parameter_probe {
 ///  - shape: in_features(), out_features(), rank();
 ///  - scale() and expression(): the term as a lazy expression node at the
 ///    current scale (s B A for LoRA), evaluated by the expression evaluators;
-///  - check_consistent(where): throws lora::shape_error if its tensors were
+///  - check_consistent(where): throws lora::ShapeError if its tensors were
 ///    resized out of shape;
 ///  - trainable_parameters(), make_gradients() (zero-filled, shaped like the
 ///    trained tensors) and for_each_parameter(grads, f), which calls
@@ -45,7 +45,7 @@ struct parameter_probe {
 ///    the term (a merged layer); backward(G, D, saved, grads, beta) sets
 ///    grads = beta grads + dL/d(parameters). A forward that evaluates
 ///    expression() with `saved` as its workspace leaves the same intermediates
-///    there (evaluator<low_rank> keeps H = D A^T in slot 0).
+///    there (evaluator<LowRank> keeps H = D A^T in slot 0).
 template <class D>
 concept Adapter =
     requires { typename D::scalar; typename D::backend; typename D::gradients; } &&
@@ -60,7 +60,7 @@ concept Adapter =
       { d.make_gradients() } -> std::same_as<typename D::gradients>;
       d.check_consistent(where);
       g.zero();
-      md.for_each_parameter(g, detail::parameter_probe{});
+      md.for_each_parameter(g, detail::ParameterProbe{});
     };
 
 /// An adapter whose term can be added into a writable base weight and taken

@@ -26,7 +26,7 @@
 #endif
 #endif
 
-// Internal invariants (not user input: user input throws lora::error). Off in
+// Internal invariants (not user input: user input throws lora::Error). Off in
 // release builds like assert().
 #ifndef LORA_ASSERT
 #include <cassert>

@@ -11,46 +11,46 @@
 namespace lora {
 
 /// Base class of every exception the library throws.
-class error : public std::runtime_error {
+class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
 
 /// A runtime shape mismatch (rows, columns, token count, workspace size).
-class shape_error : public error {
+class ShapeError : public Error {
  public:
-  using error::error;
+  using Error::Error;
 };
 
 /// A rank outside 0 < r <= min(in, out), or ranks that do not agree.
-class rank_error : public error {
+class RankError : public Error {
  public:
-  using error::error;
+  using Error::Error;
 };
 
 /// A value the operation cannot accept: non-finite numbers, a negative
 /// dropout probability, a bad block size.
-class value_error : public error {
+class ValueError : public Error {
  public:
-  using error::error;
+  using Error::Error;
 };
 
 /// Non-finite results refused (safe_merge, optimizer steps with NaN gradients).
-class numeric_error : public error {
+class NumericError : public Error {
  public:
-  using error::error;
+  using Error::Error;
 };
 
 /// Malformed files or byte buffers (offset and field named in the message).
-class format_error : public error {
+class FormatError : public Error {
  public:
-  using error::error;
+  using Error::Error;
 };
 
 /// Errors reported by a device runtime (CUDA, cuBLAS), with the call named.
-class device_error : public error {
+class DeviceError : public Error {
  public:
-  using error::error;
+  using Error::Error;
 };
 
 namespace detail {

@@ -1,8 +1,8 @@
 // init.hpp: seeded, reproducible initialisation strategies for LowRankDelta and
 // any adapter made of factors A [r, in], B [out, r] (lora::LowRankFactors).
-//   delta.init(init::kaiming_zero{}, seed)   loralib / PEFT default
-//   delta.init(init::gaussian{}, seed)       PEFT init_lora_weights="gaussian"
-//   delta.init(init::from_dense{dW})         best rank-r fit of a dense delta
+//   delta.init(init::KaimingZero{}, seed)   loralib / PEFT default
+//   delta.init(init::Gaussian{}, seed)       PEFT init_lora_weights="gaussian"
+//   delta.init(init::FromDense{dW})         best rank-r fit of a dense delta
 //   init::pissa(layer)                       PiSSA: top-r triplets of W, residual base
 // Random draws are counter-based (detail/random.hpp): the same seed gives the
 // same factors on every backend and thread count.
@@ -29,41 +29,41 @@ inline constexpr std::uint64_t stream_B = 0xB;
 
 /// loralib / PEFT default: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with
 /// a = sqrt(5)), B = 0, so the adapted layer starts equal to its base.
-struct kaiming_zero {
+struct KaimingZero {
   template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
     using T = typename Delta::scalar;
     const double bound = 1.0 / std::sqrt(static_cast<double>(d.in_features()));
-    backend_ops<B>::fill_random(d.A(), uniform_dist{-bound, bound}, seed, stream_A);
+    BackendOps<B>::fill_random(d.A(), UniformDist{-bound, bound}, seed, stream_A);
     B::fill(d.B(), T(0));
   }
 };
 
 /// PEFT's "gaussian": A ~ N(0, (1/r)^2) (stddev 1/r), B = 0.
-struct gaussian {
+struct Gaussian {
   template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
     using T = typename Delta::scalar;
-    backend_ops<B>::fill_random(d.A(), normal_dist{0.0, 1.0 / static_cast<double>(d.rank())}, seed, stream_A);
+    BackendOps<B>::fill_random(d.A(), NormalDist{0.0, 1.0 / static_cast<double>(d.rank())}, seed, stream_A);
     B::fill(d.B(), T(0));
   }
 };
 
 /// Both factors random (tests, benchmarks, synthetic deltas): A and B ~ U(-b, b).
-struct uniform_both {
+struct UniformBoth {
   double bound = 1.0;
   template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
-    backend_ops<B>::fill_random(d.A(), uniform_dist{-bound, bound}, seed, stream_A);
-    backend_ops<B>::fill_random(d.B(), uniform_dist{-bound, bound}, seed, stream_B);
+    BackendOps<B>::fill_random(d.A(), UniformDist{-bound, bound}, seed, stream_A);
+    BackendOps<B>::fill_random(d.B(), UniformDist{-bound, bound}, seed, stream_B);
   }
 };
 
 /// What an SVD-based initialisation kept.
-struct svd_report {
+struct SVDReport {
   /// sum of the kept squared singular values / sum of all of them (1 when the
   /// delta has rank <= r; 0 for an all-zero delta).
   double kept_energy = 0.0;
@@ -78,20 +78,20 @@ namespace svd_detail {
 /// Splits M (host, [out, in]) into the top-r factors with s B A = U_r S_r V_r^T:
 /// B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T (PiSSA's symmetric split).
 template <class Delta, class HostMatrix>
-svd_report factor_top_r(Delta& d, const HostMatrix& m) {
+SVDReport factor_top_r(Delta& d, const HostMatrix& m) {
   using B = typename Delta::backend;
   using T = typename Delta::scalar;
   const index_t r = d.rank();
   const double s = static_cast<double>(d.scale());
   if (s == 0.0)
-    lora::detail::raise<value_error>("init: an SVD initialisation needs a non-zero scale s (alpha = ",
+    lora::detail::raise<ValueError>("init: an SVD initialisation needs a non-zero scale s (alpha = ",
                                      d.alpha(), ", multiplier = ", d.multiplier(), ")");
   const Eigen::MatrixXd md = m.template cast<double>();
   // BDCSVD is exact to rounding and fast for the large matrices LoRA adapts.
   Eigen::BDCSVD<Eigen::MatrixXd> svd(md, Eigen::ComputeThinU | Eigen::ComputeThinV);
   const Eigen::VectorXd& sv = svd.singularValues();
 
-  svd_report rep;
+  SVDReport rep;
   rep.singular_values.assign(sv.data(), sv.data() + sv.size());
   double total = 0.0, kept = 0.0;
   for (index_t i = 0; i < sv.size(); ++i) {
@@ -113,34 +113,34 @@ svd_report factor_top_r(Delta& d, const HostMatrix& m) {
 /// The best rank-r factorisation of a dense delta dW [out, in] (Eckart-Young):
 /// afterwards s B A is the truncated SVD of dW. Reports the kept energy.
 template <class M>
-struct from_dense {
+struct FromDense {
   const M& delta;
 
   template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
-  svd_report initialize(Delta& d, std::uint64_t /*seed*/) const {
+  SVDReport initialize(Delta& d, std::uint64_t /*seed*/) const {
     if (delta.rows() != d.out_features() || delta.cols() != d.in_features())
-      lora::detail::raise<shape_error>("init::from_dense: delta is [", delta.rows(), ", ", delta.cols(),
+      lora::detail::raise<ShapeError>("init::FromDense: delta is [", delta.rows(), ", ", delta.cols(),
                                        "], expected [out, in] = [", d.out_features(), ", ",
                                        d.in_features(), "]");
     return svd_detail::factor_top_r(d, Delta::backend::to_host(delta));
   }
 };
 template <class M>
-from_dense(const M&) -> from_dense<M>;
+FromDense(const M&) -> FromDense<M>;
 
 /// PiSSA: the adapter takes W's top-r singular triplets and the base keeps the
 /// residual, W <- W - s B A, so the layer's output is unchanged. Needs a writable
 /// base weight and an unmerged layer.
 template <class Layer>
-svd_report pissa(Layer& layer) {
+SVDReport pissa(Layer& layer) {
   using B = typename Layer::backend;
   using T = typename Layer::scalar;
   static_assert(Layer::base_is_writable,
                 "lora::init::pissa: the base weight is read-only; PiSSA rewrites W as its residual, so "
                 "construct the layer over an owned matrix or a writable Eigen::Map<RowMatrix<T>>");
   if (layer.merged())
-    lora::detail::raise<value_error>("init::pissa: the layer is merged; unmerge() it first");
-  svd_report rep = svd_detail::factor_top_r(layer.delta(), B::to_host(layer.base_weight()));
+    lora::detail::raise<ValueError>("init::pissa: the layer is merged; unmerge() it first");
+  SVDReport rep = svd_detail::factor_top_r(layer.delta(), B::to_host(layer.base_weight()));
   expr::assign(layer.base_weight(), layer.delta().expression(), T(-1), T(1));  // W -= s B A
   return rep;
 }

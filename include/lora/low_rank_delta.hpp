@@ -19,7 +19,7 @@ namespace lora {
 
 /// dL/dA [r, in] and dL/dB [out, r] of a LowRankDelta (there is no dW: the
 /// base is frozen).
-template <class T, int Rank = dynamic, class Backend = default_backend>
+template <class T, int Rank = dynamic, class Backend = DefaultBackend>
 class LowRankGradients {
  public:
   using a_matrix = typename Backend::template matrix<T, Rank, dynamic>;  // (r, in)
@@ -46,7 +46,7 @@ class LowRankGradients {
   b_matrix db_;
 };
 
-template <class T, int Rank = dynamic, class Backend = default_backend>
+template <class T, int Rank = dynamic, class Backend = DefaultBackend>
 class LowRankDelta {
   static_assert(std::is_floating_point_v<T>,
                 "lora::LowRankDelta<T, Rank>: T must be float or double (adapters train in full "
@@ -67,15 +67,15 @@ class LowRankDelta {
   using gradients = LowRankGradients<T, Rank, Backend>;
 
   /// Static rank: A and B sized [Rank, in] and [out, Rank], zero-filled.
-  LowRankDelta(index_t out, index_t in, delta_options options = {})
+  LowRankDelta(index_t out, index_t in, DeltaOptions options = {})
     requires(Rank != dynamic)
       : LowRankDelta(out, in, Rank, options) {}
 
   /// Dynamic rank (or a static one repeated, checked to agree), zero-filled.
-  LowRankDelta(index_t out, index_t in, index_t rank, delta_options options = {}) : options_(options) {
+  LowRankDelta(index_t out, index_t in, index_t rank, DeltaOptions options = {}) : options_(options) {
     detail::check_rank("LowRankDelta", rank, out, in);
     if (Rank != dynamic && rank != Rank)
-      detail::raise<rank_error>("LowRankDelta: rank ", rank, " given for a static rank of ", Rank,
+      detail::raise<RankError>("LowRankDelta: rank ", rank, " given for a static rank of ", Rank,
                                 "; use LowRankDelta<T, lora::dynamic> for a run-time rank");
     Backend::resize(a_, rank, in);
     Backend::resize(b_, out, rank);
@@ -84,10 +84,10 @@ class LowRankDelta {
   }
 
   /// From existing factors (e.g. loaded from a PEFT file): B [out, r], A [r, in].
-  LowRankDelta(b_matrix b, a_matrix a, delta_options options = {})
+  LowRankDelta(b_matrix b, a_matrix a, DeltaOptions options = {})
       : a_(std::move(a)), b_(std::move(b)), options_(options) {
     if (b_.cols() != a_.rows())
-      detail::raise<shape_error>("LowRankDelta: B is [", b_.rows(), ", ", b_.cols(), "] and A is [",
+      detail::raise<ShapeError>("LowRankDelta: B is [", b_.rows(), ", ", b_.cols(), "] and A is [",
                                  a_.rows(), ", ", a_.cols(), "]; B's columns must equal A's rows (the rank)");
     detail::check_rank("LowRankDelta", a_.rows(), b_.rows(), a_.cols());
   }
@@ -106,11 +106,11 @@ class LowRankDelta {
   b_matrix& B() { return b_; }
   const b_matrix& B() const { return b_; }
 
-  const delta_options& options() const { return options_; }
+  const DeltaOptions& options() const { return options_; }
   double alpha() const { return options_.alpha; }
-  scaling rule() const { return options_.rule; }
+  Scaling rule() const { return options_.rule; }
   double multiplier() const { return options_.multiplier; }
-  /// Adapter strength applied on top of the scaling rule (0 disables it).
+  /// Adapter strength applied on top of the Scaling rule (0 disables it).
   void set_multiplier(double m) { options_.multiplier = m; }
 
   /// s = alpha / r (or alpha / sqrt(r), or the user scale when alpha == 0),
@@ -128,8 +128,8 @@ class LowRankDelta {
   /// A, then B (LoRA+ trains B, the up-projection, at lr * ratio).
   template <class F>
   void for_each_parameter(gradients& g, F&& f) {
-    f("lora_A", param_role::down, a_, g.dA());
-    f("lora_B", param_role::up, b_, g.dB());
+    f("lora_A", ParamRole::down, a_, g.dA());
+    f("lora_B", ParamRole::up, b_, g.dB());
   }
   /// H = D A^T (n, r) into slot 0 of `saved`: what expr::apply of expression()
   /// leaves there, for a forward that did not evaluate the term.
@@ -146,7 +146,7 @@ class LowRankDelta {
     const index_t n = g.rows(), r = rank();
     if (grads.dA().rows() != r || grads.dA().cols() != in_features() || grads.dB().rows() != out_features() ||
         grads.dB().cols() != r)
-      detail::raise<shape_error>("AdaptedLinear::backward: gradients are dA [", grads.dA().rows(), ", ",
+      detail::raise<ShapeError>("AdaptedLinear::backward: gradients are dA [", grads.dA().rows(), ", ",
                                  grads.dA().cols(), "], dB [", grads.dB().rows(), ", ", grads.dB().cols(),
                                  "], expected dA [r, in] = [", r, ", ", in_features(), "], dB [out, r] = [",
                                  out_features(), ", ", r, "]");
@@ -161,11 +161,11 @@ class LowRankDelta {
   /// Shape check used by every entry point that reads A and B.
   void check_consistent(const char* where) const {
     if (b_.cols() != a_.rows() || (Rank != dynamic && a_.rows() != Rank))
-      detail::raise<shape_error>(where, ": B is [", b_.rows(), ", ", b_.cols(), "] and A is [", a_.rows(),
+      detail::raise<ShapeError>(where, ": B is [", b_.rows(), ", ", b_.cols(), "] and A is [", a_.rows(),
                                  ", ", a_.cols(), "]; B's columns must equal A's rows (the rank)");
   }
 
-  /// Initialise the factors: `delta.init(init::kaiming_zero{}, seed)`; see
+  /// Initialise the factors: `delta.init(init::KaimingZero{}, seed)`; see
   /// init.hpp for the strategies. Returns what the strategy reports.
   template <class Init>
   auto init(const Init& strategy, std::uint64_t seed = 0) {
@@ -175,7 +175,7 @@ class LowRankDelta {
  private:
   a_matrix a_;
   b_matrix b_;
-  delta_options options_;
+  DeltaOptions options_;
 };
 
 }  // namespace lora

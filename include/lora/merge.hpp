@@ -27,7 +27,7 @@ auto merged_weight(const AdaptedLinear<Base, Delta>& layer) {
 
 /// How far a merged weight stored in a lossy format is from the exact merged
 /// weight W + s B A: the statistics of |stored - exact| and where the max is.
-struct merge_error {
+struct MergeErrorReport {
   double max_abs_error = 0;   ///< max |stored - (W + s B A)|
   double mean_abs_error = 0;  ///< mean of the same
   double rms_error = 0;       ///< root mean square of the same
@@ -36,14 +36,14 @@ struct merge_error {
 
 /// What merge_to_nf4 returns: the requantised weight and its error against the
 /// exact merged weight deq(Wq) + s B A.
-struct nf4_merge_result : merge_error {
+struct NF4MergeResult : MergeErrorReport {
   NF4Matrix weight;
 };
 
 /// What merge_rounded returns: W + s B A rounded once to the base's 16-bit
 /// storage, and its error against the exact (fp32) merged weight.
 template <class S>
-struct rounded_merge_result : merge_error {
+struct RoundedMergeResult : MergeErrorReport {
   RowMatrix<S> weight;
 };
 
@@ -51,7 +51,7 @@ namespace detail {
 /// Fills `e` from the exact merged weight and the stored one, read back a row
 /// at a time by row(i, out) (out: `exact.cols()` floats).
 template <class Exact, class Row>
-void measure_merge_error(merge_error& e, const Exact& exact, Row&& row) {
+void measure_merge_error(MergeErrorReport& e, const Exact& exact, Row&& row) {
   const index_t out = exact.rows(), in = exact.cols();
   if (out * in == 0) return;
   std::vector<float> buf(static_cast<std::size_t>(in));
@@ -78,14 +78,14 @@ void measure_merge_error(merge_error& e, const Exact& exact, Row&& row) {
 /// Folds the adapter into an NF4 base: dequantise, add s B A, requantise (same
 /// block size and double quantisation as the base unless `options` says
 /// otherwise), and report the error against the exact merged weight. Needs one
-/// dense [out, in] float buffer while it runs. Throws value_error when W + s B A
+/// dense [out, in] float buffer while it runs. Throws ValueError when W + s B A
 /// is not finite (nothing is returned then).
 template <class Delta>
-nf4_merge_result merge_to_nf4(const AdaptedLinear<NF4Matrix, Delta>& layer, std::optional<NF4Options> options = {}) {
+NF4MergeResult merge_to_nf4(const AdaptedLinear<NF4Matrix, Delta>& layer, std::optional<NF4Options> options = {}) {
   const NF4Matrix& base = layer.base_weight();
   const NF4Options opt = options ? *options : NF4Options{base.block_size(), base.double_quantized(), base.map8()};
   const NF4Matrix::dense_matrix exact = merged_weight(layer);
-  nf4_merge_result r;
+  NF4MergeResult r;
   r.weight = NF4Matrix::quantize(exact, opt);  // checks finiteness, names the index
   detail::measure_merge_error(r, exact, [&](index_t i, float* out) { r.weight.dequantize_rows(i, 1, out); });
   return r;
@@ -93,7 +93,7 @@ nf4_merge_result merge_to_nf4(const AdaptedLinear<NF4Matrix, Delta>& layer, std:
 
 /// Folds the adapter into a 16-bit (bf16 / fp16) base: W + s B A in fp32,
 /// rounded once to the storage type, with the rounding error reported (as
-/// merge_to_nf4 does for NF4). Throws numeric_error when W + s B A is not
+/// merge_to_nf4 does for NF4). Throws NumericError when W + s B A is not
 /// finite, or not finite once rounded (beyond the 16-bit range); nothing is
 /// returned then.
 template <class Base, class Delta>
@@ -101,13 +101,13 @@ template <class Base, class Delta>
 auto merge_rounded(const AdaptedLinear<Base, Delta>& layer) {
   using S = typename quantized_traits_t<Base>::storage;
   const RowMatrix<float> exact = merged_weight(layer);
-  rounded_merge_result<S> r;
+  RoundedMergeResult<S> r;
   r.weight = exact.template cast<S>();
   detail::measure_merge_error(r, exact, [&](index_t i, float* out) {
     for (index_t j = 0; j < exact.cols(); ++j) {
       out[j] = static_cast<float>(r.weight(i, j));
       if (!std::isfinite(exact(i, j)) || !std::isfinite(out[j]))
-        detail::raise<numeric_error>("lora::merge_rounded: W + s*B*A is ", exact(i, j), " at row ", i, ", column ",
+        detail::raise<NumericError>("lora::merge_rounded: W + s*B*A is ", exact(i, j), " at row ", i, ", column ",
                                      j, (std::isfinite(exact(i, j)) ? " (beyond the 16-bit range once rounded)" : ""),
                                      "; nothing was merged");
     }

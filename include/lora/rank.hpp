@@ -18,18 +18,18 @@ template <int Rank>
 inline constexpr bool is_valid_rank_v = Rank > 0 || Rank == dynamic;
 
 /// How alpha turns into the scale s applied to B A.
-enum class scaling {
+enum class Scaling {
   standard,  ///< s = alpha / r (LoRA paper, loralib, PEFT default)
   rslora,    ///< s = alpha / sqrt(r) (rank-stabilised LoRA, PEFT use_rslora)
 };
 
 /// Scale options of a LowRankDelta. Designated-initialiser friendly:
 /// `LowRankDelta<float, 8>{out, in, {.alpha = 16}}`.
-struct delta_options {
+struct DeltaOptions {
   /// LoRA alpha. 0 (the default) means "s = user_scale" (llama.cpp convention),
   /// so a default-constructed adapter has s = 1.
   double alpha = 0.0;
-  scaling rule = scaling::standard;
+  Scaling rule = Scaling::standard;
   /// Used as s when alpha == 0.
   double user_scale = 1.0;
   /// Runtime multiplier applied on top of the rule (adapter strength, PEFT's
@@ -38,10 +38,10 @@ struct delta_options {
 };
 
 /// s for a given rank and options; the single place the rule is written down.
-inline double scale_for(const delta_options& o, index_t rank) {
+inline double scale_for(const DeltaOptions& o, index_t rank) {
   double base = o.user_scale;
   if (o.alpha != 0.0) {
-    base = o.rule == scaling::rslora ? o.alpha / std::sqrt(static_cast<double>(rank))
+    base = o.rule == Scaling::rslora ? o.alpha / std::sqrt(static_cast<double>(rank))
                                      : o.alpha / static_cast<double>(rank);
   }
   return base * o.multiplier;
@@ -59,11 +59,11 @@ namespace detail {
 /// Runtime rank check shared by every constructor that takes a rank.
 inline void check_rank(const char* where, index_t rank, index_t out, index_t in) {
   if (out <= 0 || in <= 0)
-    raise<shape_error>(where, ": shape [out, in] = [", out, ", ", in,
+    raise<ShapeError>(where, ": shape [out, in] = [", out, ", ", in,
                        "] must have positive extents");
   const index_t limit = out < in ? out : in;
   if (rank <= 0 || rank > limit)
-    raise<rank_error>(where, ": rank ", rank, " must satisfy 0 < r <= min(out, in) = ", limit,
+    raise<RankError>(where, ": rank ", rank, " must satisfy 0 < r <= min(out, in) = ", limit,
                       " for shape [out, in] = [", out, ", ", in, "]");
 }
 }  // namespace detail

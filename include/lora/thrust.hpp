@@ -1,8 +1,8 @@
 // thrust.hpp: the umbrella header of the Thrust backend (GPU through CUDA, or
 // CPU threads through Thrust's OMP / CPP device systems).
 //   #include <lora/thrust.hpp>
-// brings everything of <lora/lora.hpp> plus thrust_backend, device_matrix and
-// its views, the to_device / to_host transfers, and device_nf4_matrix (QLoRA's
+// brings everything of <lora/lora.hpp> plus ThrustBackend, DeviceMatrix and
+// its views, the to_device / to_host transfers, and DeviceNF4Matrix (QLoRA's
 // NF4 base on the device). Compiled by nvcc with the
 // CUDA system it also brings lora::cuda (cuBLAS, the fused LoRA kernel,
 // streams). Choose the system with THRUST_DEVICE_SYSTEM (CMake:

@@ -2,7 +2,7 @@
 // that lacks gemm_tn is told so by name when a LowRankDelta is built on it.
 #include <lora/lora.hpp>
 
-struct my_backend : lora::eigen_backend {
+struct my_backend : lora::EigenBackend {
 #ifdef LORA_KO
   template <class... Args>
   static void gemm_tn(Args&&...) = delete;  // the piece this backend "forgot"

@@ -6,7 +6,7 @@
 int main() {
   lora::RowMatrix<float> W = lora::RowMatrix<float>::Random(32, 24);
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 4>{32, 24, {.alpha = 8}}};
-  layer.delta().init(lora::init::uniform_both{}, 7);
+  layer.delta().init(lora::init::UniformBoth{}, 7);
   lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(5, 24);
   const lora::RowMatrix<float> Y = layer.forward(X);
   const lora::RowMatrix<float> dense = X * (W + 2.0f * layer.delta().B() * layer.delta().A()).transpose();

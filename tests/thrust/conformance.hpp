@@ -27,15 +27,15 @@
 namespace {
 
 using lora::index_t;
-using EB = lora::eigen_backend;
-using TB = lora::thrust_backend;
+using EB = lora::EigenBackend;
+using TB = lora::ThrustBackend;
 template <class T>
 using Host = lora::RowMatrix<T>;
 
 template <class T>
 Host<T> random_host(index_t rows, index_t cols, std::uint64_t seed) {
   Host<T> m(rows, cols);
-  EB::fill_random(m, lora::uniform_dist{-1.0, 1.0}, seed, 99);
+  EB::fill_random(m, lora::UniformDist{-1.0, 1.0}, seed, 99);
   return m;
 }
 

@@ -16,7 +16,7 @@ TEMPLATE_TEST_CASE_SIG("thrust forward equals eigen forward", "[thrust][forward]
     using Delta = lora::LowRankDelta<T, R>;
     lora::AdaptedLinear host = with_bias ? lora::AdaptedLinear{W, b, Delta{sh.out, sh.in, r, {.alpha = 2.0 * r}}}
                                          : lora::AdaptedLinear{W, Delta{sh.out, sh.in, r, {.alpha = 2.0 * r}}};
-    host.delta().init(lora::init::uniform_both{}, 11);
+    host.delta().init(lora::init::UniformBoth{}, 11);
     auto dev = lora::to_device(host);
     static_assert(std::is_same_v<typename decltype(dev)::backend, TB>);
     REQUIRE(dev.has_bias() == with_bias);
@@ -34,7 +34,7 @@ TEMPLATE_TEST_CASE_SIG("thrust forward equals eigen forward", "[thrust][forward]
       check_close<T>(lora::to_host(dev.forward(Xd)), want, bound, 3 * terms);
     }
     SECTION("into a caller's NaN-filled buffer with a reused workspace") {
-      lora::device_matrix<T> Y = lora::to_device(
+      lora::DeviceMatrix<T> Y = lora::to_device(
           Host<T>::Constant(sh.n, sh.out, std::numeric_limits<T>::quiet_NaN()));  // beta = 0 must not read it
       typename decltype(dev)::workspace ws;
       dev.forward(Xd, Y, ws);
@@ -48,20 +48,20 @@ TEMPLATE_TEST_CASE_SIG("thrust forward equals eigen forward", "[thrust][forward]
     }
 #if LORA_THRUST_ON_CUDA
     SECTION("the CUDA fused adapter kernel and the hook layer.forward takes, against the two products") {
-      lora::device_matrix<T> Yf = lora::to_device(Host<T>::Zero(sh.n, sh.out));
-      lora::device_matrix<T> Yh = lora::to_device(Host<T>::Zero(sh.n, sh.out));
-      lora::device_matrix<T> Yg = lora::to_device(Host<T>::Zero(sh.n, sh.out));
+      lora::DeviceMatrix<T> Yf = lora::to_device(Host<T>::Zero(sh.n, sh.out));
+      lora::DeviceMatrix<T> Yh = lora::to_device(Host<T>::Zero(sh.n, sh.out));
+      lora::DeviceMatrix<T> Yg = lora::to_device(Host<T>::Zero(sh.n, sh.out));
       typename decltype(dev)::workspace ws;
       const auto& d = dev.delta();
-      lora::expr::recording<typename decltype(dev)::workspace> rec;  // recording: never the hook
+      lora::expr::Recording<typename decltype(dev)::workspace> rec;  // recording: never the hook
       lora::expr::apply(d.expression(), Xd, Yg, T(1), T(1), rec);
       // The hook takes the kernel only where it measured faster (16-bit storage).
       const bool hooked = lora::backend_hooks<TB>::template low_rank_apply<R>(d.scale(), Xd, d.A(), d.B(), Yh, ws);
       REQUIRE(hooked == lora::cuda::fused_adapter_preferred_v<T>);
       // The kernel itself, wherever it can take the shape.
       if constexpr (R != lora::dynamic) {
-        if (lora::cuda::fused_adapter<T, R>::can_implement(sh.n, r)) {
-          lora::cuda::fused_adapter<T, R>::run(d.scale(), lora::view(Xd), lora::view(d.A()), lora::view(d.B()),
+        if (lora::cuda::FusedAdapter<T, R>::can_implement(sh.n, r)) {
+          lora::cuda::FusedAdapter<T, R>::run(d.scale(), lora::view(Xd), lora::view(d.A()), lora::view(d.B()),
                                                lora::view(Yf));
           check_close<T>(lora::to_host(Yf), lora::to_host(Yg), forward_bound<T>(host, X), r);
         }
@@ -76,10 +76,10 @@ TEMPLATE_TEST_CASE("thrust: a single token as a vector", "[thrust][forward]", fl
   const index_t out = 9, in = 6;
   const Host<T> W = random_host<T>(out, in, 4);
   lora::AdaptedLinear host{W, lora::LowRankDelta<T, 2>{out, in, {.alpha = 1}}};
-  host.delta().init(lora::init::uniform_both{}, 5);
+  host.delta().init(lora::init::UniformBoth{}, 5);
   const Eigen::Matrix<T, Eigen::Dynamic, 1> x = random_host<T>(in, 1, 6);
   const auto dev = lora::to_device(host);
-  const lora::device_matrix<T, lora::dynamic, 1> xd = lora::to_device(x);
+  const lora::DeviceMatrix<T, lora::dynamic, 1> xd = lora::to_device(x);
   const Eigen::Matrix<T, Eigen::Dynamic, 1> want = host.forward(x);
   const Eigen::Matrix<T, Eigen::Dynamic, 1> got = lora::to_host(dev.forward(xd));
   const Host<T> X = x.transpose();

@@ -18,28 +18,28 @@ TEMPLATE_TEST_CASE("thrust init draws eigen's numbers for the same seed", "[thru
       REQUIRE(std::abs(got.data()[i] - want.data()[i]) <=
               ulps * std::numeric_limits<T>::epsilon() * std::abs(want.data()[i]));
   };
-  SECTION("kaiming_zero") {
-    host.init(lora::init::kaiming_zero{}, 42);
-    dev.init(lora::init::kaiming_zero{}, 42);
+  SECTION("KaimingZero") {
+    host.init(lora::init::KaimingZero{}, 42);
+    dev.init(lora::init::KaimingZero{}, 42);
     CHECK(bit_identical(lora::to_host(dev.A()), Host<T>(host.A())));
     CHECK(lora::to_host(dev.B()).cwiseAbs().maxCoeff() == T(0));
   }
   SECTION("gaussian") {
-    host.init(lora::init::gaussian{}, 7);
-    dev.init(lora::init::gaussian{}, 7);
+    host.init(lora::init::Gaussian{}, 7);
+    dev.init(lora::init::Gaussian{}, 7);
     same(lora::to_host(dev.A()), host.A());
   }
-  SECTION("uniform_both") {
-    host.init(lora::init::uniform_both{0.5}, 9);
-    dev.init(lora::init::uniform_both{0.5}, 9);
+  SECTION("UniformBoth") {
+    host.init(lora::init::UniformBoth{0.5}, 9);
+    dev.init(lora::init::UniformBoth{0.5}, 9);
     CHECK(bit_identical(lora::to_host(dev.A()), Host<T>(host.A())));
     CHECK(bit_identical(lora::to_host(dev.B()), Host<T>(host.B())));
   }
-  SECTION("from_dense through to_host / from_host") {
+  SECTION("FromDense through to_host / from_host") {
     const Host<T> dW = random_host<T>(out, r, 20) * random_host<T>(r, in, 21);
     const auto dWd = lora::to_device(dW);
-    const auto want = host.init(lora::init::from_dense{dW});
-    const auto got = dev.init(lora::init::from_dense{dWd});
+    const auto want = host.init(lora::init::FromDense{dW});
+    const auto got = dev.init(lora::init::FromDense{dWd});
     CHECK(got.kept_energy == Approx(want.kept_energy));
     CHECK(got.kept_energy == Approx(1.0));
     CHECK(bit_identical(lora::to_host(dev.A()), Host<T>(host.A())));  // the same host SVD of the same bytes

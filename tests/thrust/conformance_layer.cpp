@@ -8,7 +8,7 @@ TEMPLATE_TEST_CASE("thrust merge / unmerge / safe_merge equal eigen's", "[thrust
   const index_t out = 130, in = 20, r = 5;  // more rows than one 64-row safe_merge block
   const Host<T> W = random_host<T>(out, in, 7);
   lora::AdaptedLinear host{W, lora::LowRankDelta<T>{out, in, r, {.alpha = 3}}};
-  host.delta().init(lora::init::uniform_both{}, 8);
+  host.delta().init(lora::init::UniformBoth{}, 8);
   auto dev = lora::to_device(host);
   const Host<T> bound = W.cwiseAbs() + std::abs(host.delta().scale()) * host.delta().B().cwiseAbs() *
                                            host.delta().A().cwiseAbs();
@@ -36,13 +36,13 @@ TEMPLATE_TEST_CASE("thrust merge / unmerge / safe_merge equal eigen's", "[thrust
     std::string host_msg, dev_msg;
     try {
       host.safe_merge();
-    } catch (const lora::numeric_error& e) {
+    } catch (const lora::NumericError& e) {
       host_msg = e.what();
     }
-    CHECK_THROWS_AS(dev.safe_merge(), lora::numeric_error);
+    CHECK_THROWS_AS(dev.safe_merge(), lora::NumericError);
     try {
       dev.safe_merge();
-    } catch (const lora::numeric_error& e) {
+    } catch (const lora::NumericError& e) {
       dev_msg = e.what();
     }
     CHECK_THAT(dev_msg, Catch::Contains("not finite at row 100, column 0"));
@@ -61,9 +61,9 @@ TEMPLATE_TEST_CASE("thrust merge / unmerge / safe_merge equal eigen's", "[thrust
 
 TEST_CASE("thrust: merge writes through a writable view of a device buffer", "[thrust][merge][view]") {
   const index_t out = 6, in = 10;
-  lora::device_matrix<float> buffer = lora::to_device(random_host<float>(out, in, 30));
+  lora::DeviceMatrix<float> buffer = lora::to_device(random_host<float>(out, in, 30));
   const Host<float> W = lora::to_host(buffer);
-  lora::device_matrix_view<float> Wv(buffer.data(), out, in);  // the caller's buffer, not owned
+  lora::DeviceMatrixView<float> Wv(buffer.data(), out, in);  // the caller's buffer, not owned
   lora::AdaptedLinear layer{Wv, lora::LowRankDelta<float, 1, TB>{out, in, {.alpha = 1}}};
   REQUIRE(layer.base_weight().data() == buffer.data());
   TB::fill(layer.delta().A(), 1.0f);
@@ -74,7 +74,7 @@ TEST_CASE("thrust: merge writes through a writable view of a device buffer", "[t
   layer.unmerge();
   CHECK(lora::to_host(buffer)(1, 3) == Approx(W(1, 3)));
 
-  lora::AdaptedLinear read_only{lora::device_matrix_const_view<float>(buffer.data(), out, in),
+  lora::AdaptedLinear read_only{lora::DeviceMatrixConstView<float>(buffer.data(), out, in),
                                 lora::LowRankDelta<float, 1, TB>{out, in}};
   static_assert(!decltype(read_only)::base_is_writable);
   const auto Xd = lora::to_device(random_host<float>(2, in, 31));
@@ -87,7 +87,7 @@ TEST_CASE("thrust expressions: apply, apply_transposed, assign, slices", "[thrus
   const Host<double> W = random_host<double>(out, in, 12), X = random_host<double>(n, in, 13),
                      G = random_host<double>(n, out, 14);
   lora::AdaptedLinear host{W, lora::LowRankDelta<double, 3>{out, in, {.alpha = 6}}};
-  host.delta().init(lora::init::uniform_both{}, 15);
+  host.delta().init(lora::init::UniformBoth{}, 15);
   const auto dev = lora::to_device(host);
   const auto Xd = lora::to_device(X), Gd = lora::to_device(G);
   const Host<double> dense = W + 2.0 * host.delta().B() * host.delta().A();
@@ -96,7 +96,7 @@ TEST_CASE("thrust expressions: apply, apply_transposed, assign, slices", "[thrus
 
   CHECK((lora::to_host(lora::expr::materialize(dev.weight())) - dense).cwiseAbs().maxCoeff() < tol);
   SECTION("apply_transposed") {
-    lora::device_matrix<double> dX(n, in);
+    lora::DeviceMatrix<double> dX(n, in);
     lora::expr::apply_transposed(dev.unmerged_expression(), Gd, dX, 1.0, 0.0, ws);
     CHECK((lora::to_host(dX) - G * dense).cwiseAbs().maxCoeff() < tol);
   }

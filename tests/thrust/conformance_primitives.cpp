@@ -48,19 +48,19 @@ TEMPLATE_TEST_CASE("thrust products follow eigen's alpha / beta", "[thrust][prim
     }
     SECTION("static inner extent and strided views") {
       // Static k (the rank in LoRA's expand): the unrolled functor.
-      const lora::device_matrix<T, lora::dynamic, 5> As = lora::to_device(lora::RowMatrix<T, lora::dynamic, 5>(A));
+      const lora::DeviceMatrix<T, lora::dynamic, 5> As = lora::to_device(lora::RowMatrix<T, lora::dynamic, 5>(A));
       run([&](Host<T>& c) { EB::gemm_nn(alpha, A, B, beta, c); },
           [&](auto& c) { TB::gemm_nn(alpha, As, Bd, beta, c); }, bound);
       // Operands and result as row windows of larger buffers (row stride > cols).
       const auto wide = lora::to_device(random_host<T>(m + 3, k + 4, 45));
       Host<T> wide_h = lora::to_host(wide);
-      const lora::device_matrix_const_view<T> Av(wide.data() + 1 * (k + 4) + 2, m, k, k + 4);
+      const lora::DeviceMatrixConstView<T> Av(wide.data() + 1 * (k + 4) + 2, m, k, k + 4);
       const Host<T> Ah = wide_h.block(1, 2, m, k);
       const Host<T> b3 = (std::abs(alpha) * (Ah.cwiseAbs() * B.cwiseAbs())).eval() + std::abs(beta) * C0.cwiseAbs();
       Host<T> want = start;
       EB::gemm_nn(alpha, Ah, B, beta, want);
       auto out = lora::to_device(Host<T>::Zero(m + 2, n + 3));
-      lora::device_matrix_view<T> Cv(out.data() + (n + 3) + 1, m, n, n + 3);
+      lora::DeviceMatrixView<T> Cv(out.data() + (n + 3) + 1, m, n, n + 3);
       TB::from_host(start, Cv);
       TB::gemm_nn(alpha, Av, Bd, beta, Cv);
       check_close<T>(TB::to_host(Cv), want, b3, k);
@@ -92,16 +92,16 @@ TEMPLATE_TEST_CASE("thrust elementwise primitives equal eigen's", "[thrust][prim
     }
   }
   SECTION("fill, copy, resize") {
-    lora::device_matrix<T> d;
+    lora::DeviceMatrix<T> d;
     TB::resize(d, 3, 4);
     TB::fill(d, T(2.5));
     CHECK(lora::to_host(d) == Host<T>::Constant(3, 4, T(2.5)));
     TB::copy(Xd, d);  // an owned destination takes the source's shape
     CHECK(lora::to_host(d) == X);
-    lora::device_matrix_view<T> v = d.view();
-    CHECK_THROWS_AS(TB::resize(v, 2, 2), lora::shape_error);  // a view cannot resize
-    CHECK_THROWS_AS(TB::copy(lora::device_matrix<T>(2, 2), v), lora::shape_error);
-    CHECK_THROWS_AS((lora::device_matrix<T, 4, lora::dynamic>(3, 2)), lora::shape_error);
+    lora::DeviceMatrixView<T> v = d.view();
+    CHECK_THROWS_AS(TB::resize(v, 2, 2), lora::ShapeError);  // a view cannot resize
+    CHECK_THROWS_AS(TB::copy(lora::DeviceMatrix<T>(2, 2), v), lora::ShapeError);
+    CHECK_THROWS_AS((lora::DeviceMatrix<T, 4, lora::dynamic>(3, 2)), lora::ShapeError);
   }
   SECTION("add_to_rows and sum_rows") {
     const Eigen::Matrix<T, Eigen::Dynamic, 1> b = random_host<T>(cols, 1, 52);
@@ -122,7 +122,7 @@ TEMPLATE_TEST_CASE("thrust elementwise primitives equal eigen's", "[thrust][prim
           std::abs(alpha) * X.cwiseAbs().colwise().sum().transpose() + std::abs(beta) * b.cwiseAbs();
       check_close<T>(lora::to_host(dbd), db, bound, rows);
     }
-    CHECK_THROWS_AS(TB::add_to_rows(T(1), lora::device_matrix<T, lora::dynamic, 1>(3), got), lora::shape_error);
+    CHECK_THROWS_AS(TB::add_to_rows(T(1), lora::DeviceMatrix<T, lora::dynamic, 1>(3), got), lora::ShapeError);
   }
   SECTION("first_non_finite, element, middle_rows") {
     Host<T> h = X;
@@ -141,10 +141,10 @@ TEMPLATE_TEST_CASE("thrust elementwise primitives equal eigen's", "[thrust][prim
     TB::fill(TB::middle_rows(md, 2, 3), T(0));  // writable through the view
     h.middleRows(2, 3).setZero();
     CHECK(bit_identical(lora::to_host(md), h));
-    CHECK_THROWS_AS(TB::middle_rows(hd, 5, 2), lora::shape_error);
+    CHECK_THROWS_AS(TB::middle_rows(hd, 5, 2), lora::ShapeError);
   }
   SECTION("as_row, overlaps, to_host / from_host of strided views") {
-    const lora::device_matrix<T, lora::dynamic, 1> v(5);
+    const lora::DeviceMatrix<T, lora::dynamic, 1> v(5);
     const auto row = TB::as_row(v);
     CHECK(row.rows() == 1);
     CHECK(row.cols() == 5);
@@ -153,7 +153,7 @@ TEMPLATE_TEST_CASE("thrust elementwise primitives equal eigen's", "[thrust][prim
     CHECK_FALSE(TB::overlaps(TB::middle_rows(Xd, 0, 2), TB::middle_rows(Xd, 2, 2)));
     CHECK_FALSE(TB::overlaps(Xd, v));
     auto big = lora::to_device(Host<T>::Zero(rows, cols + 3));
-    lora::device_matrix_view<T> window(big.data() + 1, rows, cols, cols + 3);
+    lora::DeviceMatrixView<T> window(big.data() + 1, rows, cols, cols + 3);
     TB::from_host(X, window);
     CHECK(TB::to_host(window) == X);
     CHECK(lora::to_host(big).col(0).cwiseAbs().maxCoeff() == T(0));
@@ -161,9 +161,9 @@ TEMPLATE_TEST_CASE("thrust elementwise primitives equal eigen's", "[thrust][prim
   }
   SECTION("fill_random is eigen's fill_random") {
     Host<T> want(rows, cols);
-    lora::device_matrix<T> got(rows, cols);
-    EB::fill_random(want, lora::uniform_dist{-3.0, 2.0}, 77, 5);
-    TB::fill_random(got, lora::uniform_dist{-3.0, 2.0}, 77, 5);
+    lora::DeviceMatrix<T> got(rows, cols);
+    EB::fill_random(want, lora::UniformDist{-3.0, 2.0}, 77, 5);
+    TB::fill_random(got, lora::UniformDist{-3.0, 2.0}, 77, 5);
     CHECK(bit_identical(lora::to_host(got), want));
   }
   SECTION("workspace") {
@@ -221,7 +221,7 @@ TEMPLATE_TEST_CASE("thrust training step (dropout, backward, AdamW) equals eigen
   const index_t out = 24, in = 20, n = 6, r = 3;
   const Host<T> W = random_host<T>(out, in, 80), X = random_host<T>(n, in, 81), G = random_host<T>(n, out, 82);
   lora::AdaptedLinear host{W, lora::LowRankDelta<T>{out, in, r, {.alpha = 6}}};
-  host.delta().init(lora::init::uniform_both{}, 83);
+  host.delta().init(lora::init::UniformBoth{}, 83);
   auto dev = lora::to_device(host);
   using HL = decltype(host);
   using DL = decltype(dev);
@@ -238,7 +238,7 @@ TEMPLATE_TEST_CASE("thrust training step (dropout, backward, AdamW) equals eigen
   const lora::train::Dropout drop(0.25, 5);
 
   Host<T> Yh(n, out), dXh(n, in);
-  lora::device_matrix<T> Yd(n, out), dXd(n, in);
+  lora::DeviceMatrix<T> Yd(n, out), dXd(n, in);
   for (std::uint64_t step = 0; step < 3; ++step) {
     CAPTURE(step);
     lora::train::forward(host, X, Yh, htape, drop, step);
@@ -267,7 +267,7 @@ TEST_CASE("thrust transfers are explicit and round-trip", "[thrust][transfer]") 
   const Host<float> W = random_host<float>(12, 10, 70);
   const Eigen::VectorXf b = random_host<float>(12, 1, 71);
   lora::AdaptedLinear host{W, b, lora::LowRankDelta<float, 3>{12, 10, {.alpha = 6, .multiplier = 0.5}}};
-  host.delta().init(lora::init::uniform_both{}, 72);
+  host.delta().init(lora::init::UniformBoth{}, 72);
   const auto dev = lora::to_device(host);
   const auto back = lora::to_host(dev);
   static_assert(std::is_same_v<typename decltype(back)::backend, EB>);
@@ -278,32 +278,32 @@ TEST_CASE("thrust transfers are explicit and round-trip", "[thrust][transfer]") 
   CHECK(back.delta().scale() == host.delta().scale());
   CHECK(back.delta().multiplier() == 0.5);
   host.merge();
-  CHECK_THROWS_AS(lora::to_device(host), lora::value_error);
+  CHECK_THROWS_AS(lora::to_device(host), lora::ValueError);
   CHECK_THROWS_WITH(lora::to_device(host), Catch::Contains("the layer is merged; unmerge() it first"));
   const lora::RowMatrix<double, 2, 3> fixed = lora::RowMatrix<double, 2, 3>::Constant(1.5);
   const auto fixed_d = lora::to_device(fixed);
-  static_assert(std::is_same_v<decltype(fixed_d), const lora::device_matrix<double, 2, 3>>);
+  static_assert(std::is_same_v<decltype(fixed_d), const lora::DeviceMatrix<double, 2, 3>>);
   CHECK(lora::to_host(fixed_d) == fixed);
 }
 
 TEST_CASE("thrust: bad input gets eigen's typed errors", "[thrust][errors]") {
   using Catch::Contains;
   using D = lora::LowRankDelta<float, 2, TB>;
-  CHECK_THROWS_AS((lora::LowRankDelta<float, lora::dynamic, TB>(8, 4, 5)), lora::rank_error);
+  CHECK_THROWS_AS((lora::LowRankDelta<float, lora::dynamic, TB>(8, 4, 5)), lora::RankError);
   CHECK_THROWS_WITH((lora::LowRankDelta<float, 4, TB>(8, 8, 2)), Contains("rank 2 given for a static rank of 4"));
-  lora::device_matrix<float> W(4096, 64);
+  lora::DeviceMatrix<float> W(4096, 64);
   CHECK_THROWS_WITH((lora::AdaptedLinear{W, D{64, 64}}),
                     Contains("base weight is [out, in] = [4096, 64] but the delta is [64, 64]"));
   lora::AdaptedLinear layer{W, D{4096, 64}};
-  lora::device_matrix<float> X(3, 768), Y(3, 4096);
-  CHECK_THROWS_AS(layer.forward(X, Y), lora::shape_error);
+  lora::DeviceMatrix<float> X(3, 768), Y(3, 4096);
+  CHECK_THROWS_AS(layer.forward(X, Y), lora::ShapeError);
   CHECK_THROWS_WITH(layer.forward(X, Y), Contains("AdaptedLinear::forward: X has 768 columns, expected in_features = 64"));
-  lora::device_matrix<float> X2(3, 64), Y2(2, 4096);
+  lora::DeviceMatrix<float> X2(3, 64), Y2(2, 4096);
   CHECK_THROWS_WITH(layer.forward(X2, Y2), Contains("Y is [2, 4096], expected [n, out] = [3, 4096]"));
-  CHECK_THROWS_WITH((lora::AdaptedLinear{W, lora::device_matrix<float, lora::dynamic, 1>(10), D{4096, 64}}),
+  CHECK_THROWS_WITH((lora::AdaptedLinear{W, lora::DeviceMatrix<float, lora::dynamic, 1>(10), D{4096, 64}}),
                     Contains("bias has 10 entries, expected out_features = 4096"));
-  lora::device_matrix<float> sq(8, 8), XY(2, 8);
+  lora::DeviceMatrix<float> sq(8, 8), XY(2, 8);
   lora::AdaptedLinear square{sq, D{8, 8}};
   CHECK_THROWS_WITH(square.forward(XY, XY), Contains("X and Y share memory"));
-  CHECK_THROWS_AS(TB::gemm_nt(1.0f, X, W, 0.0f, Y), lora::shape_error);
+  CHECK_THROWS_AS(TB::gemm_nt(1.0f, X, W, 0.0f, Y), lora::ShapeError);
 }

@@ -20,7 +20,7 @@ auto make_host_qlora(index_t out, index_t in, index_t r, bool dq, bool bias, ind
   HostNF4 Wq = HostNF4::quantize(W, {.block_size = block, .double_quant = dq});
   using Delta = lora::LowRankDelta<float, R>;
   Delta delta(out, in, r, {.alpha = 2.0 * double(r)});
-  delta.init(lora::init::uniform_both{}, 91);
+  delta.init(lora::init::UniformBoth{}, 91);
   using Layer = lora::AdaptedLinear<HostNF4, Delta>;
   if (bias) return Layer(std::move(Wq), Eigen::VectorXf(random_host<float>(out, 1, 92)), std::move(delta));
   return Layer(std::move(Wq), std::move(delta));
@@ -61,7 +61,7 @@ TEMPLATE_TEST_CASE_SIG("thrust qlora forward equals the eigen qlora layer", "[th
       CAPTURE(sh.out, sh.in, sh.n, dq, with_bias);
       const auto host = make_host_qlora<R>(sh.out, sh.in, 3, dq, with_bias);
       const auto dev = lora::to_device(host);
-      static_assert(std::is_same_v<typename decltype(dev)::base_type, lora::device_nf4_matrix>);
+      static_assert(std::is_same_v<typename decltype(dev)::base_type, lora::DeviceNF4Matrix>);
       static_assert(std::is_same_v<typename decltype(dev)::backend, TB>);
       static_assert(decltype(dev)::base_is_quantized && !decltype(dev)::base_is_writable);
       REQUIRE(dev.has_bias() == with_bias);
@@ -78,7 +78,7 @@ TEMPLATE_TEST_CASE_SIG("thrust qlora forward equals the eigen qlora layer", "[th
       check_close<float>(lora::to_host(dev.forward(Xd)), want, bound, terms);
 
       // Into a NaN-filled buffer (beta = 0 must not read it) with a reused workspace.
-      lora::device_matrix<float> Y =
+      lora::DeviceMatrix<float> Y =
           lora::to_device(Host<float>::Constant(sh.n, sh.out, std::numeric_limits<float>::quiet_NaN()));
       typename decltype(dev)::workspace ws;
       dev.forward(Xd, Y, ws);
@@ -89,7 +89,7 @@ TEMPLATE_TEST_CASE_SIG("thrust qlora forward equals the eigen qlora layer", "[th
 
       if (sh.n == 1) {  // one token as a vector
         const Eigen::VectorXf x = X.row(0).transpose();
-        const lora::device_matrix<float, lora::dynamic, 1> xd = lora::to_device(x);
+        const lora::DeviceMatrix<float, lora::dynamic, 1> xd = lora::to_device(x);
         const Eigen::VectorXf got = lora::to_host(dev.forward(xd));
         check_close<float>(Host<float>(got.transpose()), Host<float>(host.forward(x).transpose()), bound, terms);
       }
@@ -113,7 +113,7 @@ TEST_CASE("thrust qlora: dequantised device values are NF4Matrix::dequantize() b
     lora::NF4Options opt{.block_size = c.block, .double_quant = c.dq};
     if (c.custom_map) opt.map8 = other_map;
     const HostNF4 q = HostNF4::quantize(W, opt);
-    const lora::device_nf4_matrix d = lora::to_device(q);
+    const lora::DeviceNF4Matrix d = lora::to_device(q);
     CHECK(d.rows() == c.out);
     CHECK(d.cols() == c.in);
     CHECK(d.block_size() == c.block);
@@ -166,7 +166,7 @@ TEMPLATE_TEST_CASE_SIG("thrust qlora backward: dX through deq(W), dA, dB, db equ
     lora::train::Gradients<HL> hgrads(host);
     lora::train::Gradients<DL> dgrads(dev);
     Host<float> Yh(sh.n, sh.out), dXh(sh.n, sh.in);
-    lora::device_matrix<float> Yd(sh.n, sh.out), dXd(sh.n, sh.in);
+    lora::DeviceMatrix<float> Yd(sh.n, sh.out), dXd(sh.n, sh.in);
     lora::train::forward(host, X, Yh, htape, drop, 2);
     lora::train::forward(dev, Xd, Yd, dtape, drop, 2);
     lora::train::backward(host, X, G, htape, hgrads, dXh);
@@ -236,14 +236,14 @@ TEST_CASE("thrust qlora expressions: slices, materialise, first_non_finite", "[t
 TEST_CASE("thrust qlora: bad input gets the eigen qlora layer's typed errors", "[thrust][qlora][errors]") {
   const Host<float> W = random_host<float>(16, 64, 101);
   const HostNF4 Wq = HostNF4::quantize(W);
-  const lora::device_nf4_matrix Wd = lora::to_device(Wq);
+  const lora::DeviceNF4Matrix Wd = lora::to_device(Wq);
   const auto message = [](auto&& f) -> std::string {
     try {
       f();
-    } catch (const lora::shape_error& e) {
+    } catch (const lora::ShapeError& e) {
       return e.what();
     }
-    return "no shape_error";
+    return "no ShapeError";
   };
   const std::string hctor = message([&] { (void)lora::AdaptedLinear(Wq, lora::LowRankDelta<float, 2>(16, 32)); });
   const std::string dctor = message([&] { (void)lora::AdaptedLinear(Wd, lora::LowRankDelta<float, 2, TB>(16, 32)); });
@@ -253,7 +253,7 @@ TEST_CASE("thrust qlora: bad input gets the eigen qlora layer's typed errors", "
   const lora::AdaptedLinear host(Wq, lora::LowRankDelta<float, 2>(16, 64));
   const lora::AdaptedLinear dev(Wd, lora::LowRankDelta<float, 2, TB>(16, 64));
   Host<float> X(3, 63), Y(3, 16), X2(3, 64), Y2(2, 16);
-  lora::device_matrix<float> Xd(3, 63), Yd(3, 16), X2d(3, 64), Y2d(2, 16);
+  lora::DeviceMatrix<float> Xd(3, 63), Yd(3, 16), X2d(3, 64), Y2d(2, 16);
   const std::string hx = message([&] { host.forward(X, Y); }), dx = message([&] { dev.forward(Xd, Yd); });
   CHECK_THAT(dx, Catch::Contains("X has 63 columns, expected in_features = 64"));
   CHECK(dx == hx);
@@ -262,12 +262,12 @@ TEST_CASE("thrust qlora: bad input gets the eigen qlora layer's typed errors", "
   CHECK(dy == hy);
 
   // The primitives check their own operands (rows of the slice, shapes).
-  using QT = lora::quantized_traits<lora::device_nf4_matrix>;
-  lora::device_matrix<float> Ys(3, 10), D(10, 64), G(3, 10), dX(3, 64);
-  CHECK_THROWS_AS(QT::gemm_nt(Wd, 0, 10, 1.0f, Xd, 0.0f, Ys), lora::shape_error);  // X has 63 columns
+  using QT = lora::quantized_traits<lora::DeviceNF4Matrix>;
+  lora::DeviceMatrix<float> Ys(3, 10), D(10, 64), G(3, 10), dX(3, 64);
+  CHECK_THROWS_AS(QT::gemm_nt(Wd, 0, 10, 1.0f, Xd, 0.0f, Ys), lora::ShapeError);  // X has 63 columns
   CHECK_THROWS_WITH(QT::gemm_nt(Wd, 10, 10, 1.0f, X2d, 0.0f, Ys), Catch::Contains("rows [10, 20) are outside [0, 16)"));
-  CHECK_THROWS_AS(QT::gemm_nn(Wd, 0, 10, 1.0f, G, 0.0f, Yd), lora::shape_error);
-  CHECK_THROWS_AS(QT::assign(Wd, 0, 9, 1.0f, 0.0f, D), lora::shape_error);
+  CHECK_THROWS_AS(QT::gemm_nn(Wd, 0, 10, 1.0f, G, 0.0f, Yd), lora::ShapeError);
+  CHECK_THROWS_AS(QT::assign(Wd, 0, 9, 1.0f, 0.0f, D), lora::ShapeError);
   QT::gemm_nn(Wd, 6, 10, 1.0f, G, 0.0f, dX);  // the right shapes go through
 
   // Memory accounting counts the NF4 bytes on the device as on the host.
@@ -276,14 +276,14 @@ TEST_CASE("thrust qlora: bad input gets the eigen qlora layer's typed errors", "
 
 #if LORA_THRUST_ON_CUDA && LORA_THRUST_NF4_CUDA_KERNEL
 TEST_CASE("thrust qlora (CUDA): the small-n kernel equals the generic functor", "[thrust][qlora][cuda]") {
-  using QT = lora::quantized_traits<lora::device_nf4_matrix>;
+  using QT = lora::quantized_traits<lora::DeviceNF4Matrix>;
   for (const shape& sh : {shape{37, 64, 1}, shape{37, 67, 2}, shape{129, 256, 3}, shape{65, 131, 8},
                           shape{300, 200, 13}, shape{96, 4096, 16}}) {
     for (const bool dq : {false, true}) {
       CAPTURE(sh.out, sh.in, sh.n, dq);
-      REQUIRE(lora::cuda::nf4_gemm_nt_small::can_implement(sh.n, sh.out));
+      REQUIRE(lora::cuda::NF4SmallGemmNT::can_implement(sh.n, sh.out));
       const HostNF4 q = HostNF4::quantize(random_host<float>(sh.out, sh.in, 102), {.double_quant = dq});
-      const lora::device_nf4_matrix d = lora::to_device(q);
+      const lora::DeviceNF4Matrix d = lora::to_device(q);
       const Host<float> X = random_host<float>(sh.n, sh.in, 103), Y0 = random_host<float>(sh.n, sh.out - 3, 104);
       const auto Xd = lora::to_device(X);
       const Host<float> Wd = q.dequantize();

@@ -7,7 +7,7 @@
 //              reductions: squared_norm, first_non_finite(ptr, n), read(ptr, i)
 //              products (BLAS alpha/beta): gemm_nt, gemm_nn, gemm_tn
 //   optional   copy, add_to_rows, sum_rows, first_non_finite(matrix), fill_random:
-//              lora::backend_ops<B> calls the backend's own where it has one and
+//              lora::BackendOps<B> calls the backend's own where it has one and
 //              a fallback built from the required pieces where not
 //   hooks      backend_hooks<B> (traits.hpp): fused paths the evaluators take
 //              where the backend's flag says so (CUDA's fused LoRA kernel)
@@ -28,7 +28,7 @@
 namespace lora {
 
 namespace detail {
-struct index_probe {
+struct IndexProbe {
   void operator()(index_t) const {}
 };
 }  // namespace detail
@@ -55,7 +55,7 @@ concept Backend = requires {
   B::dropout(s, c, s, m, 0.5, std::uint64_t(0), std::uint64_t(0));
   B::data(m);
   { B::size(c) } -> std::convertible_to<index_t>;
-  B::for_each_index(i, detail::index_probe{});
+  B::for_each_index(i, detail::IndexProbe{});
   { B::squared_norm(cp, i) } -> std::convertible_to<double>;
   { B::first_non_finite(cp, i) } -> std::convertible_to<index_t>;
   { B::read(cp, i) } -> std::convertible_to<T>;
@@ -92,7 +92,7 @@ constexpr bool check_backend() {
   static_assert(requires(M& m, const M& c, index_t i) {
     B::data(m);
     B::size(c);
-    B::for_each_index(i, index_probe{});
+    B::for_each_index(i, IndexProbe{});
   }, "lora backend: missing data(m), size(m) and for_each_index(n, f) (optimizer updates)");
   static_assert(requires(const T* p, index_t i) {
     B::squared_norm(p, i);
@@ -112,7 +112,7 @@ constexpr bool check_backend() {
 /// The optional pieces: the backend's own where it has one, otherwise a
 /// fallback made of required pieces (correct, not tuned).
 template <class B>
-struct backend_ops {
+struct BackendOps {
   /// dst = src (same shape).
   template <class Src, class Dst>
   static void copy(const Src& src, Dst&& dst) {

@@ -37,7 +37,7 @@ using backend_of_t = typename matrix_traits_t<M>::backend;
 /// Specialised for frozen base weights stored in a compressed format (NF4): a
 /// base an AdaptedLinear can hold but that no backend reads as a plain matrix.
 /// Members: scalar, backend, rows, cols (compile-time or dynamic), and the three
-/// products the `expr::dequantized` evaluator calls over rows [r0, r0 + nr):
+/// products the `expr::Dequantized` evaluator calls over rows [r0, r0 + nr):
 ///   gemm_nt(q, r0, nr, alpha, X, beta, Y)   Y  = beta Y  + alpha X W[r0:]^T
 ///   gemm_nn(q, r0, nr, alpha, G, beta, dX)  dX = beta dX + alpha G W[r0:]
 ///   assign(q, r0, nr, alpha, beta, D)       D  = beta D  + alpha W[r0:]
@@ -76,7 +76,7 @@ struct weight_traits<W> : quantized_traits_t<W> {
 ///     Y += alpha (X A^T) B^T in one fused pass, the [n, r] intermediate kept
 ///     on chip; returns false where it cannot take the shape (CUTLASS's
 ///     can_implement), and the evaluator then takes the two products.
-/// Specialised for thrust_backend under nvcc (backend/cuda/fused.hpp). A flag,
+/// Specialised for ThrustBackend under nvcc (backend/cuda/fused.hpp). A flag,
 /// not a `requires` on the call: nvcc's device pass evaluated such a
 /// requires-expression as false where the host pass found it true, so the
 /// host launched kernels the device image never got (seen on an H200).

@@ -36,7 +36,7 @@ LORA_HOST_DEVICE constexpr double to_unit(std::uint64_t bits) {
 namespace lora {
 
 /// U(lo, hi): `fill_random` samples of this distribution.
-struct uniform_dist {
+struct UniformDist {
   double lo = 0.0, hi = 1.0;
   LORA_HOST_DEVICE double sample(std::uint64_t seed, std::uint64_t stream, std::uint64_t i) const {
     return lo + detail::mul_unfused(hi - lo, detail::to_unit(detail::random_bits(seed, stream, i)));
@@ -44,7 +44,7 @@ struct uniform_dist {
 };
 
 /// N(mean, stddev) by Box-Muller on two counters of the same element.
-struct normal_dist {
+struct NormalDist {
   double mean = 0.0, stddev = 1.0;
   LORA_HOST_DEVICE double sample(std::uint64_t seed, std::uint64_t stream, std::uint64_t i) const {
     // 1 - u keeps log() away from 0.

@@ -33,16 +33,16 @@ template <class E>
 using workspace_t = typename backend_t<E>::template workspace<scalar_t<E>>;
 
 /// A workspace whose evaluations keep their intermediates for a backward pass
-/// (the training tape's): evaluator<low_rank> leaves H = X A^T in its slot 0,
+/// (the training tape's): evaluator<LowRank> leaves H = X A^T in its slot 0,
 /// and no evaluator skips a term or takes a fused path that would not leave it.
 template <class WS>
-struct recording : WS {
+struct Recording : WS {
   using WS::WS;
 };
 template <class WS>
 inline constexpr bool is_recording_v = false;
 template <class WS>
-inline constexpr bool is_recording_v<recording<WS>> = true;
+inline constexpr bool is_recording_v<Recording<WS>> = true;
 
 // ---- the four verbs, dispatching on the node type ------------------------------
 
@@ -92,7 +92,7 @@ index_t first_non_finite(const E& e, index_t rows_per_block = 64) {
     const index_t count = std::min(rows_per_block, e.rows() - start);
     B::resize(block, count, e.cols());
     assign(block, slice_rows(e, start, count), T(1), T(0));
-    const index_t bad = backend_ops<B>::first_non_finite(block);
+    const index_t bad = BackendOps<B>::first_non_finite(block);
     if (bad >= 0) return start * e.cols() + bad;
   }
   return -1;
@@ -101,8 +101,8 @@ index_t first_non_finite(const E& e, index_t rows_per_block = 64) {
 // ---- one evaluator per node ------------------------------------------------------
 
 template <class M>
-struct evaluator<dense<M>> {
-  using node = dense<M>;
+struct evaluator<Dense<M>> {
+  using node = Dense<M>;
   using B = typename node::backend;
   using T = typename node::scalar;
 
@@ -124,8 +124,8 @@ struct evaluator<dense<M>> {
 };
 
 template <class Q>
-struct evaluator<dequantized<Q>> {
-  using node = dequantized<Q>;
+struct evaluator<Dequantized<Q>> {
+  using node = Dequantized<Q>;
   using traits = typename node::traits;
   using T = typename node::scalar;
 
@@ -147,8 +147,8 @@ struct evaluator<dequantized<Q>> {
 };
 
 template <class BM, class AM>
-struct evaluator<low_rank<BM, AM>> {
-  using node = low_rank<BM, AM>;
+struct evaluator<LowRank<BM, AM>> {
+  using node = LowRank<BM, AM>;
   using B = typename node::backend;
   using T = typename node::scalar;
   static constexpr int R = node::rank_at_compile_time;
@@ -180,8 +180,8 @@ struct evaluator<low_rank<BM, AM>> {
 };
 
 template <class E>
-struct evaluator<scaled<E>> {
-  using node = scaled<E>;
+struct evaluator<Scaled<E>> {
+  using node = Scaled<E>;
   using B = typename node::backend;
   using T = typename node::scalar;
 
@@ -224,8 +224,8 @@ struct evaluator<scaled<E>> {
 };
 
 template <class L, class R>
-struct evaluator<sum<L, R>> {
-  using node = sum<L, R>;
+struct evaluator<Sum<L, R>> {
+  using node = Sum<L, R>;
   using T = typename node::scalar;
 
   // (L + R) applied = L applied, then R accumulated: dst = a + P becomes

@@ -18,10 +18,10 @@
 namespace lora::expr {
 
 /// Tag base of every node; `Expression` is the concept the evaluators accept.
-struct node_base {};
+struct NodeBase {};
 
 template <class E>
-concept Expression = std::is_base_of_v<node_base, std::remove_cvref_t<E>>;
+concept Expression = std::is_base_of_v<NodeBase, std::remove_cvref_t<E>>;
 
 /// How a leaf is held: an lvalue by const reference (no copy of W), a
 /// temporary view (Map, Block) by value.
@@ -31,7 +31,7 @@ using leaf_storage_t = std::conditional_t<std::is_lvalue_reference_v<M>,
 
 /// A dense matrix leaf, [rows, cols]: the base weight W.
 template <class M>
-struct dense : node_base {
+struct Dense : NodeBase {
   using matrix_type = std::remove_cvref_t<M>;
   using scalar = scalar_of_t<matrix_type>;
   using backend = backend_of_t<matrix_type>;
@@ -48,7 +48,7 @@ struct dense : node_base {
 /// frozen W. Held by reference; evaluated by quantized_traits<Q>'s fused
 /// products, so W is decoded inside them and never materialised.
 template <class Q>
-struct dequantized : node_base {
+struct Dequantized : NodeBase {
   using traits = quantized_traits<Q>;
   using scalar = typename traits::scalar;
   using backend = typename traits::backend;
@@ -66,15 +66,15 @@ struct dequantized : node_base {
 /// The product B A of a rank-r pair, B [out, r], A [r, in]. Never formed by
 /// apply(); only assign() (merge) multiplies B by A.
 template <class BM, class AM>
-struct low_rank : node_base {
+struct LowRank : NodeBase {
   using b_type = std::remove_cvref_t<BM>;
   using a_type = std::remove_cvref_t<AM>;
   using scalar = scalar_of_t<b_type>;
   using backend = backend_of_t<b_type>;
   static_assert(std::is_same_v<scalar, scalar_of_t<a_type>>,
-                "lora::expr::low_rank: B and A must have the same scalar type");
+                "lora::expr::LowRank: B and A must have the same scalar type");
   static_assert(extents_agree(matrix_traits<b_type>::cols, matrix_traits<a_type>::rows),
-                "lora::expr::low_rank: B has a static column count that differs from A's static "
+                "lora::expr::LowRank: B has a static column count that differs from A's static "
                 "row count; both are the rank r (B is [out, r], A is [r, in])");
   static constexpr int rank_at_compile_time =
       matrix_traits<b_type>::cols != dynamic ? matrix_traits<b_type>::cols : matrix_traits<a_type>::rows;
@@ -84,9 +84,9 @@ struct low_rank : node_base {
   BM b;
   AM a;
 
-  low_rank(BM b_, AM a_) : b(std::forward<BM>(b_)), a(std::forward<AM>(a_)) {
+  LowRank(BM b_, AM a_) : b(std::forward<BM>(b_)), a(std::forward<AM>(a_)) {
     if (b.cols() != a.rows())
-      detail::raise<shape_error>("lora::expr::low_rank: B is [", b.rows(), ", ", b.cols(), "] and A is [",
+      detail::raise<ShapeError>("lora::expr::LowRank: B is [", b.rows(), ", ", b.cols(), "] and A is [",
                                  a.rows(), ", ", a.cols(), "]; B's columns must equal A's rows (the rank)");
   }
   index_t rows() const { return b.rows(); }
@@ -96,7 +96,7 @@ struct low_rank : node_base {
 
 /// s * E.
 template <class E>
-struct scaled : node_base {
+struct Scaled : NodeBase {
   using scalar = typename E::scalar;
   using backend = typename E::backend;
   static constexpr int rows_at_compile_time = E::rows_at_compile_time;
@@ -111,14 +111,14 @@ struct scaled : node_base {
 
 /// L + R, same shape.
 template <class L, class R>
-struct sum : node_base {
+struct Sum : NodeBase {
   using scalar = typename L::scalar;
   using backend = typename L::backend;
   static_assert(std::is_same_v<scalar, typename R::scalar>,
-                "lora::expr::sum: both terms must have the same scalar type (convert one with .cast<T>())");
+                "lora::expr::Sum: both terms must have the same scalar type (convert one with .cast<T>())");
   static_assert(extents_agree(L::rows_at_compile_time, R::rows_at_compile_time) &&
                     extents_agree(L::cols_at_compile_time, R::cols_at_compile_time),
-                "lora::expr::sum: the terms have different static shapes; both must be [out, in]");
+                "lora::expr::Sum: the terms have different static shapes; both must be [out, in]");
   static constexpr int rows_at_compile_time =
       L::rows_at_compile_time != dynamic ? L::rows_at_compile_time : R::rows_at_compile_time;
   static constexpr int cols_at_compile_time =
@@ -127,9 +127,9 @@ struct sum : node_base {
   L lhs;
   R rhs;
 
-  sum(L l, R r) : lhs(std::move(l)), rhs(std::move(r)) {
+  Sum(L l, R r) : lhs(std::move(l)), rhs(std::move(r)) {
     if (lhs.rows() != rhs.rows() || lhs.cols() != rhs.cols())
-      detail::raise<shape_error>("lora::expr::sum: terms are [", lhs.rows(), ", ", lhs.cols(), "] and [",
+      detail::raise<ShapeError>("lora::expr::Sum: terms are [", lhs.rows(), ", ", lhs.cols(), "] and [",
                                  rhs.rows(), ", ", rhs.cols(), "]; both must have the same shape");
   }
   index_t rows() const { return lhs.rows(); }
@@ -141,7 +141,7 @@ struct sum : node_base {
 /// Leaf over a matrix (held by const& when an lvalue, by value when a view).
 template <Matrix M>
 auto leaf(M&& m) {
-  return dense<leaf_storage_t<M&&>>{{}, std::forward<M>(m)};
+  return Dense<leaf_storage_t<M&&>>{{}, std::forward<M>(m)};
 }
 
 /// The leaf of a base weight: `dense` over a matrix, `dequantized` over a
@@ -149,7 +149,7 @@ auto leaf(M&& m) {
 template <BaseWeight W>
 auto base_leaf(const W& w) {
   if constexpr (QuantizedMatrix<W>)
-    return dequantized<W>{{}, w, 0, w.rows()};
+    return Dequantized<W>{{}, w, 0, w.rows()};
   else
     return leaf(w);
 }
@@ -157,17 +157,17 @@ auto base_leaf(const W& w) {
 /// The product B A of a rank-r pair (B [out, r], A [r, in]).
 template <Matrix BM, Matrix AM>
 auto product(BM&& b, AM&& a) {
-  return low_rank<leaf_storage_t<BM&&>, leaf_storage_t<AM&&>>(std::forward<BM>(b), std::forward<AM>(a));
+  return LowRank<leaf_storage_t<BM&&>, leaf_storage_t<AM&&>>(std::forward<BM>(b), std::forward<AM>(a));
 }
 
 template <Expression E>
 auto operator*(typename std::remove_cvref_t<E>::scalar s, E&& e) {
-  return scaled<std::remove_cvref_t<E>>{{}, s, std::forward<E>(e)};
+  return Scaled<std::remove_cvref_t<E>>{{}, s, std::forward<E>(e)};
 }
 
 template <Expression L, Expression R>
 auto operator+(L&& l, R&& r) {
-  return sum<std::remove_cvref_t<L>, std::remove_cvref_t<R>>(std::forward<L>(l), std::forward<R>(r));
+  return Sum<std::remove_cvref_t<L>, std::remove_cvref_t<R>>(std::forward<L>(l), std::forward<R>(r));
 }
 
 }  // namespace lora::expr

@@ -126,7 +126,7 @@ inline std::vector<float> create_dynamic_map(bool is_signed = true, int max_expo
                                              int total_bits = 8) {
   if (total_bits < 2 || total_bits > 16 || max_exponent_bits < 1 ||
       max_exponent_bits > total_bits - 1)
-    lora::detail::raise<value_error>("dynamic_map::create_dynamic_map: max_exponent_bits ",
+    lora::detail::raise<ValueError>("dynamic_map::create_dynamic_map: max_exponent_bits ",
                                      max_exponent_bits, " and total_bits ", total_bits,
                                      " need 1 <= max_exponent_bits < total_bits <= 16");
   // Rounded fp32 products that the compiler may not fuse with the adds below.

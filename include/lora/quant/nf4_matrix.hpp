@@ -36,17 +36,17 @@ class NF4Matrix {
   NF4Matrix() = default;
 
   /// Quantises `rows x cols` floats stored row-major at `data`.
-  /// Throws value_error for a bad block size, a bad map8 or a non-finite value
-  /// (its flat index is named), shape_error for a negative extent.
+  /// Throws ValueError for a bad block size, a bad map8 or a non-finite value
+  /// (its flat index is named), ShapeError for a negative extent.
   static NF4Matrix quantize(const float* data, index_t rows, index_t cols,
                             const NF4Options& options = {}) {
     constexpr const char* fn = "NF4Matrix::quantize";
     check_block_size(fn, options.block_size);
     if (rows < 0 || cols < 0)
-      lora::detail::raise<shape_error>(fn, ": shape ", rows, " x ", cols, " has a negative extent");
+      lora::detail::raise<ShapeError>(fn, ": shape ", rows, " x ", cols, " has a negative extent");
     const index_t n = rows * cols;
     if (n > 0 && data == nullptr)
-      lora::detail::raise<value_error>(fn, ": data is null for a ", rows, " x ", cols, " matrix");
+      lora::detail::raise<ValueError>(fn, ": data is null for a ", rows, " x ", cols, " matrix");
     check_finite(fn, data, n, cols);
 
     NF4Matrix m(rows, cols, options.block_size, options.double_quant);
@@ -71,7 +71,7 @@ class NF4Matrix {
   }
 
   /// Wraps existing bytes with fp32 absmax scales (bitsandbytes' quant_state
-  /// without compress_statistics). Throws format_error when a size disagrees.
+  /// without compress_statistics). Throws FormatError when a size disagrees.
   static NF4Matrix from_parts(index_t rows, index_t cols, index_t block_size,
                               std::span<const std::uint8_t> packed, std::span<const float> absmax) {
     constexpr const char* fn = "NF4Matrix::from_parts";
@@ -150,7 +150,7 @@ class NF4Matrix {
   /// Flat elements [first, first + count) into out (count floats).
   void dequantize_range(index_t first, index_t count, float* out) const {
     if (first < 0 || count < 0 || first + count > size())
-      lora::detail::raise<shape_error>("NF4Matrix::dequantize_range: range [", first, ", ",
+      lora::detail::raise<ShapeError>("NF4Matrix::dequantize_range: range [", first, ", ",
                                        first + count, ") is outside [0, ", size(), ")");
     index_t f = first;
     const index_t end = first + count;
@@ -164,7 +164,7 @@ class NF4Matrix {
   /// Rows [first_row, first_row + count) into out, row-major (count * cols floats).
   void dequantize_rows(index_t first_row, index_t count, float* out) const {
     if (first_row < 0 || count < 0 || first_row + count > rows_)
-      lora::detail::raise<shape_error>("NF4Matrix::dequantize_rows: rows [", first_row, ", ",
+      lora::detail::raise<ShapeError>("NF4Matrix::dequantize_rows: rows [", first_row, ", ",
                                        first_row + count, ") are outside [0, ", rows_, ")");
     dequantize_range(first_row * cols_, count * cols_, out);
   }
@@ -205,20 +205,20 @@ class NF4Matrix {
 
   static void check_block_size(const char* fn, index_t b) {
     if (!nf4::valid_block_size(b))
-      lora::detail::raise<value_error>(fn, ": block_size ", b, " is not a power of two in [",
+      lora::detail::raise<ValueError>(fn, ": block_size ", b, " is not a power of two in [",
                                        nf4::min_block_size, ", ", nf4::max_block_size, "]");
   }
 
   static void expect_size(const char* fn, const char* what, std::size_t got, index_t want) {
     if (static_cast<index_t>(got) != want)
-      lora::detail::raise<format_error>(fn, ": ", what, " has ", got, " entries, expected ", want);
+      lora::detail::raise<FormatError>(fn, ": ", what, " has ", got, " entries, expected ", want);
   }
 
   static NF4Matrix checked_shell(const char* fn, index_t rows, index_t cols, index_t block_size,
                                  bool double_quant, std::span<const std::uint8_t> packed) {
     check_block_size(fn, block_size);
     if (rows < 0 || cols < 0)
-      lora::detail::raise<shape_error>(fn, ": shape ", rows, " x ", cols, " has a negative extent");
+      lora::detail::raise<ShapeError>(fn, ": shape ", rows, " x ", cols, " has a negative extent");
     NF4Matrix m(rows, cols, block_size, double_quant);
     expect_size(fn, "packed", packed.size(), (m.size() + 1) / 2);
     m.packed_.assign(packed.begin(), packed.end());
@@ -237,7 +237,7 @@ class NF4Matrix {
       if (!bad) continue;
       for (index_t i = c0; i < c1; ++i)
         if (!(std::fabs(x[i]) <= big))
-          lora::detail::raise<value_error>(fn, ": non-finite value ", x[i], " at flat index ", i,
+          lora::detail::raise<ValueError>(fn, ": non-finite value ", x[i], " at flat index ", i,
                                            " (row ", i / cols, ", column ", i % cols, ")");
     }
   }
@@ -245,11 +245,11 @@ class NF4Matrix {
   void set_map(const char* fn, std::span<const float> map8) {
     if (map8.empty()) return;
     if (map8.size() != std::size_t(dynamic_map::size))
-      lora::detail::raise<value_error>(fn, ": map8 has ", map8.size(), " entries, expected ",
+      lora::detail::raise<ValueError>(fn, ": map8 has ", map8.size(), " entries, expected ",
                                        dynamic_map::size);
     for (std::size_t k = 0; k < map8.size(); ++k) {
       if (!std::isfinite(map8[k]) || (k > 0 && map8[k] < map8[k - 1]))
-        lora::detail::raise<value_error>(fn, ": map8[", k, "] = ", map8[k],
+        lora::detail::raise<ValueError>(fn, ": map8[", k, "] = ", map8[k],
                                          " is not finite and ascending");
     }
     map8_.assign(map8.begin(), map8.end());

@@ -23,10 +23,10 @@ namespace lora::train {
 /// independent masks, as separate torch.nn.Dropout modules do.
 class Dropout {
  public:
-  /// p in [0, 1); anything else (negative, >= 1, NaN) throws lora::value_error.
+  /// p in [0, 1); anything else (negative, >= 1, NaN) throws lora::ValueError.
   explicit Dropout(double p = 0.0, std::uint64_t seed = 0) : p_(p), seed_(seed) {
     if (!(p >= 0.0 && p < 1.0))
-      detail::raise<value_error>("train::Dropout: p = ", p, " must satisfy 0 <= p < 1");
+      detail::raise<ValueError>("train::Dropout: p = ", p, " must satisfy 0 <= p < 1");
   }
 
   double p() const { return p_; }

@@ -48,7 +48,7 @@ class Gradients {
   explicit Gradients(const Layer& layer) : Gradients(layer, layer.has_bias()) {}
   Gradients(const Layer& layer, bool train_bias) : adapter_(layer.delta().make_gradients()) {
     if (train_bias && !layer.has_bias())
-      lora::detail::raise<value_error>("train::Gradients: train_bias requested but the layer has no bias");
+      lora::detail::raise<ValueError>("train::Gradients: train_bias requested but the layer has no bias");
     if (train_bias) backend::resize(dbias_, layer.out_features(), 1);
     zero();
   }
@@ -123,7 +123,7 @@ class Tape {
   template <class L, class X, class G, class DX>
   friend void detail::backward_impl(const L&, const X&, const G&, Tape<L>&, Gradients<L>&, DX*, bool, bool);
 
-  expr::recording<workspace> saved_;  // the adapter's intermediates (LoRA: slot 0 H, slot 1 G B)
+  expr::Recording<workspace> saved_;  // the adapter's intermediates (LoRA: slot 0 H, slot 1 G B)
   workspace wide_;                    // slot 0: drop(X) (n, in); slot 1: dE/dD^T G (n, in); dropout only
   workspace eval_;                    // the expression evaluators' scratch
   index_t n_ = -1;
@@ -134,7 +134,7 @@ class Tape {
 };
 
 /// Options of train::backward.
-struct backward_options {
+struct BackwardOptions {
   /// Add into dA, dB, db instead of overwriting them (gradient accumulation
   /// over micro-batches).
   bool accumulate = false;
@@ -150,7 +150,7 @@ void check_input(const char* where, const Layer& layer, const X& x) {
                 "lora::train: X has a different scalar type than the layer; cast it first");
   layer.delta().check_consistent(where);
   if (x.cols() != layer.in_features())
-    lora::detail::raise<shape_error>(where, ": X has ", x.cols(), " columns, expected in_features = ",
+    lora::detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ",
                                      layer.in_features());
 }
 }  // namespace detail
@@ -195,7 +195,7 @@ void forward(const Layer& layer, const X& x, Y&& y, Tape<Layer>& tape, const Dro
     if (tape.merged_) expr::apply(delta.expression(), x, y, T(-1), T(1), tape.eval_);
     expr::apply(delta.expression(), d, y, T(1), T(1), tape.saved_);  // (n, out) += E(D), recorded
   }
-  if (layer.has_bias()) backend_ops<B>::add_to_rows(T(1), layer.bias(), y);
+  if (layer.has_bias()) BackendOps<B>::add_to_rows(T(1), layer.bias(), y);
 }
 
 namespace detail {
@@ -212,23 +212,23 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
   detail::check_input(where, layer, x);
   const index_t n = x.rows(), in = layer.in_features(), out = layer.out_features();
   if (tape.n_ < 0)
-    lora::detail::raise<value_error>(where, ": the tape is empty; call train::forward with it first");
+    lora::detail::raise<ValueError>(where, ": the tape is empty; call train::forward with it first");
   if (tape.n_ != n)
-    lora::detail::raise<shape_error>(where, ": X has ", n, " rows but the tape's forward saw ", tape.n_,
+    lora::detail::raise<ShapeError>(where, ": X has ", n, " rows but the tape's forward saw ", tape.n_,
                                      " tokens");
   if (tape.merged_ != layer.merged())
-    lora::detail::raise<value_error>(where, ": the layer was ", tape.merged_ ? "merged" : "unmerged",
+    lora::detail::raise<ValueError>(where, ": the layer was ", tape.merged_ ? "merged" : "unmerged",
                                      " in forward and is ", layer.merged() ? "merged" : "unmerged", " now");
   if (g.rows() != n || g.cols() != out)
-    lora::detail::raise<shape_error>(where, ": G is [", g.rows(), ", ", g.cols(), "], expected [n, out] = [",
+    lora::detail::raise<ShapeError>(where, ": G is [", g.rows(), ", ", g.cols(), "], expected [n, out] = [",
                                      n, ", ", out, "]");
   if (grads.has_bias() && grads.db().rows() != out)
-    lora::detail::raise<shape_error>(where, ": db has ", grads.db().rows(), " entries, expected out = ", out);
+    lora::detail::raise<ShapeError>(where, ": db has ", grads.db().rows(), " entries, expected out = ", out);
   if constexpr (!std::is_same_v<DX, std::nullptr_t>) {
     if (dx->rows() != n || dx->cols() != in)
-      lora::detail::raise<shape_error>(where, ": dX is [", dx->rows(), ", ", dx->cols(),
+      lora::detail::raise<ShapeError>(where, ": dX is [", dx->rows(), ", ", dx->cols(),
                                        "], expected [n, in] = [", n, ", ", in, "]");
-    if (B::overlaps(g, *dx)) lora::detail::raise<shape_error>(where, ": G and dX share memory");
+    if (B::overlaps(g, *dx)) lora::detail::raise<ShapeError>(where, ": G and dX share memory");
   }
 
   const T beta = accumulate ? T(1) : T(0);
@@ -237,7 +237,7 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
     delta.backward(g, tape.wide_.matrix(n, in, 0), tape.saved_, grads.adapter(), beta);  // input drop(X)
   else
     delta.backward(g, x, tape.saved_, grads.adapter(), beta);
-  if (grads.has_bias()) backend_ops<B>::sum_rows(T(1), g, beta, grads.db());  // (out) = sum_t G[t, :]
+  if (grads.has_bias()) BackendOps<B>::sum_rows(T(1), g, beta, grads.db());  // (out) = sum_t G[t, :]
 
   if constexpr (!std::is_same_v<DX, std::nullptr_t>) {
     const T beta_dx = accumulate_dx ? T(1) : T(0);
@@ -263,14 +263,14 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
 /// dA, dB (and db) from G = dL/dY, plus dX = dL/dX [n, in] for stacked layers.
 template <class Layer, class X, class G, class DX>
 void backward(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape, Gradients<Layer>& grads, DX&& dx,
-              backward_options options = {}) {
+              BackwardOptions options = {}) {
   detail::backward_impl(layer, x, g, tape, grads, &dx, options.accumulate, options.accumulate_dx);
 }
 
 /// dA, dB (and db) only: the first layer of a network needs no dX.
 template <class Layer, class X, class G>
 void backward(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape, Gradients<Layer>& grads,
-              backward_options options = {}) {
+              BackwardOptions options = {}) {
   detail::backward_impl(layer, x, g, tape, grads, static_cast<std::nullptr_t*>(nullptr), options.accumulate, false);
 }
 

@@ -28,31 +28,31 @@ namespace lora::train {
 
 /// Bytes per element of each kind of tensor (fractional for quantised bases:
 /// NF4 with double quantisation is 4.127 / 8 bytes per frozen weight).
-struct precision {
+struct Precision {
   double frozen = 4;     ///< frozen base weights
   double trainable = 4;  ///< trained parameters (and every weight under full fine-tuning)
   double gradient = 4;
   double state = 4;  ///< each optimizer state element
   /// fp16 everywhere (the LoRA paper's GPT-3 arithmetic).
-  static constexpr precision fp16() { return {2, 2, 2, 2}; }
-  static constexpr precision fp32() { return {4, 4, 4, 4}; }
+  static constexpr Precision fp16() { return {2, 2, 2, 2}; }
+  static constexpr Precision fp32() { return {4, 4, 4, 4}; }
 };
 
-struct memory_options {
-  precision bytes = {};
+struct MemoryOptions {
+  Precision bytes = {};
   /// Optimizer state tensors per trained parameter: AdamW 2, SGD with momentum 1.
   int optimizer_states = 2;
 };
 
 /// Shape of one adapted layer; shape-only accounting needs nothing else.
-struct layer_shape {
+struct LayerShape {
   index_t out = 0, in = 0, rank = 0;
   bool bias = false;        ///< the layer has a bias [out]
   bool train_bias = false;  ///< ... and it trains with the adapter
 };
 
 /// Parameters and bytes under LoRA, with the full fine-tuning figures beside.
-struct memory_report {
+struct MemoryReport {
   // LoRA
   std::uint64_t frozen_parameters = 0;
   std::uint64_t trainable_parameters = 0;
@@ -70,7 +70,7 @@ struct memory_report {
   /// Full fine-tuning's training memory over LoRA's (weights + gradients + state).
   double memory_ratio() const { return total_bytes() > 0 ? full_total_bytes() / total_bytes() : 0.0; }
 
-  memory_report& operator+=(const memory_report& o) {
+  MemoryReport& operator+=(const MemoryReport& o) {
     frozen_parameters += o.frozen_parameters;
     trainable_parameters += o.trainable_parameters;
     frozen_bytes += o.frozen_bytes;
@@ -83,18 +83,18 @@ struct memory_report {
     full_optimizer_bytes += o.full_optimizer_bytes;
     return *this;
   }
-  friend memory_report operator+(memory_report a, const memory_report& b) { return a += b; }
+  friend MemoryReport operator+(MemoryReport a, const MemoryReport& b) { return a += b; }
 };
 
 namespace detail {
-inline memory_report account(std::uint64_t frozen, std::uint64_t trainable, std::uint64_t full,
-                             const memory_options& o) {
+inline MemoryReport account(std::uint64_t frozen, std::uint64_t trainable, std::uint64_t full,
+                             const MemoryOptions& o) {
   if (o.optimizer_states < 0)
-    lora::detail::raise<value_error>("train::memory_usage: optimizer_states = ", o.optimizer_states,
+    lora::detail::raise<ValueError>("train::memory_usage: optimizer_states = ", o.optimizer_states,
                                      " must be >= 0");
-  const precision& b = o.bytes;
+  const Precision& b = o.bytes;
   const double states = o.optimizer_states;
-  memory_report r;
+  MemoryReport r;
   r.frozen_parameters = frozen;
   r.trainable_parameters = trainable;
   r.frozen_bytes = double(frozen) * b.frozen;
@@ -110,12 +110,12 @@ inline memory_report account(std::uint64_t frozen, std::uint64_t trainable, std:
 }  // namespace detail
 
 /// One adapted layer, from its shape alone.
-inline memory_report memory_usage(const layer_shape& s, const memory_options& o = {}) {
+inline MemoryReport memory_usage(const LayerShape& s, const MemoryOptions& o = {}) {
   if (s.out <= 0 || s.in <= 0 || s.rank <= 0 || s.rank > (s.out < s.in ? s.out : s.in))
-    lora::detail::raise<shape_error>("train::memory_usage: shape [out, in] = [", s.out, ", ", s.in, "] with rank ",
+    lora::detail::raise<ShapeError>("train::memory_usage: shape [out, in] = [", s.out, ", ", s.in, "] with rank ",
                                      s.rank, " needs positive extents and 0 < r <= min(out, in)");
   if (s.train_bias && !s.bias)
-    lora::detail::raise<value_error>("train::memory_usage: train_bias without a bias");
+    lora::detail::raise<ValueError>("train::memory_usage: train_bias without a bias");
   const auto out = std::uint64_t(s.out), in = std::uint64_t(s.in), r = std::uint64_t(s.rank);
   const std::uint64_t bias = s.bias ? out : 0;
   return detail::account(out * in + (s.train_bias ? 0 : bias), r * (in + out) + (s.train_bias ? bias : 0),
@@ -123,25 +123,25 @@ inline memory_report memory_usage(const layer_shape& s, const memory_options& o 
 }
 
 /// A set of adapted layers (e.g. 96 x {W_q, W_v}).
-inline memory_report memory_usage(std::span<const layer_shape> layers, const memory_options& o = {}) {
-  memory_report total;
+inline MemoryReport memory_usage(std::span<const LayerShape> layers, const MemoryOptions& o = {}) {
+  MemoryReport total;
   for (const auto& s : layers) total += memory_usage(s, o);
   return total;
 }
-inline memory_report memory_usage(std::initializer_list<layer_shape> layers, const memory_options& o = {}) {
-  return memory_usage(std::span<const layer_shape>(layers.begin(), layers.size()), o);
+inline MemoryReport memory_usage(std::initializer_list<LayerShape> layers, const MemoryOptions& o = {}) {
+  return memory_usage(std::span<const LayerShape>(layers.begin(), layers.size()), o);
 }
 
 /// Parameters the adapters do not touch (embeddings, W_k, the MLPs...): frozen
 /// under LoRA, trained under full fine-tuning.
-inline memory_report other_parameters(std::uint64_t count, const memory_options& o = {}) {
+inline MemoryReport other_parameters(std::uint64_t count, const MemoryOptions& o = {}) {
   return detail::account(count, 0, count, o);
 }
 
 /// The shape of a real AdaptedLinear (read, nothing allocated).
 template <class Layer>
   requires requires(const Layer& l) { l.delta().rank(); }
-layer_shape shape_of(const Layer& layer, bool train_bias = false) {
+LayerShape shape_of(const Layer& layer, bool train_bias = false) {
   return {layer.out_features(), layer.in_features(), layer.rank(), layer.has_bias(), train_bias && layer.has_bias()};
 }
 
@@ -161,11 +161,11 @@ double stored_bytes(const W& w) {
 /// (codes and scales) instead of `precision.frozen` per weight.
 template <class Layer>
   requires requires(const Layer& l) { l.delta().trainable_parameters(); }
-memory_report memory_usage(const Layer& layer, const memory_options& o = {}, bool train_bias = false) {
+MemoryReport memory_usage(const Layer& layer, const MemoryOptions& o = {}, bool train_bias = false) {
   const auto out = std::uint64_t(layer.out_features()), in = std::uint64_t(layer.in_features());
   const std::uint64_t bias = layer.has_bias() ? out : 0;
   train_bias = train_bias && layer.has_bias();
-  memory_report r = detail::account(out * in + (train_bias ? 0 : bias),
+  MemoryReport r = detail::account(out * in + (train_bias ? 0 : bias),
                                     std::uint64_t(layer.delta().trainable_parameters()) + (train_bias ? bias : 0),
                                     out * in + bias, o);
   if constexpr (Layer::base_is_quantized)

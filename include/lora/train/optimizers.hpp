@@ -1,7 +1,7 @@
 // train/optimizers.hpp: SGD (momentum, Nesterov) and AdamW over adapter
 // parameters only (A, B and, when it trains, the bias), with LoRA+ (a separate
 // learning-rate ratio for B), global-norm gradient clipping, and refusal of
-// non-finite gradients (lora::numeric_error naming the tensor; nothing updated).
+// non-finite gradients (lora::NumericError naming the tensor; nothing updated).
 //
 // Updates are element-wise functors over contiguous storage ("for each index i:
 // update(i)"), run by the backend's for_each_index: the same functors run on
@@ -26,7 +26,7 @@ namespace lora::train {
 
 /// PyTorch's torch.optim.SGD: g' = c g + wd p; buf = momentum buf + g';
 /// p -= lr (nesterov ? g' + momentum buf : buf)  (c: the clipping factor).
-struct sgd_options {
+struct SGDOptions {
   double lr = 1e-2;
   double momentum = 0.0;
   double weight_decay = 0.0;  ///< coupled (L2 in the gradient), as torch.optim.SGD
@@ -36,7 +36,7 @@ struct sgd_options {
 };
 
 /// PyTorch's torch.optim.AdamW (decoupled weight decay, bias-corrected moments).
-struct adamw_options {
+struct AdamWOptions {
   double lr = 1e-3;
   double beta1 = 0.9;
   double beta2 = 0.999;
@@ -87,7 +87,7 @@ namespace detail {
 /// Registration, checks, norms and clipping shared by the optimizers; Derived
 /// supplies `states` (state tensors per parameter) and `update(k, grad_scale)`.
 template <class T, class Backend>
-class optimizer_base {
+class OptimizerBase {
  public:
   using scalar = T;
   using backend = Backend;
@@ -119,9 +119,9 @@ class optimizer_base {
       prefix += std::to_string(layers_);
     }
     ++layers_;
-    layer.delta().for_each_parameter(grads.adapter(), [&](const char* name, param_role role, auto& value,
+    layer.delta().for_each_parameter(grads.adapter(), [&](const char* name, ParamRole role, auto& value,
                                                           auto& grad) {
-      add_tensor(prefix + "." + name, value, grad, role == param_role::up ? lora_plus_ratio_ : 1.0);
+      add_tensor(prefix + "." + name, value, grad, role == ParamRole::up ? lora_plus_ratio_ : 1.0);
     });
     if (grads.has_bias()) add_tensor(prefix + ".bias", layer.bias(), grads.db(), 1.0);
   }
@@ -130,7 +130,7 @@ class optimizer_base {
   template <class V, class G>
   void add_tensor(const std::string& name, V& value, G& grad, double lr_scale = 1.0) {
     if (value.rows() != grad.rows() || value.cols() != grad.cols())
-      lora::detail::raise<shape_error>(optimizer_name_, "::add: '", name, "' is [", value.rows(), ", ",
+      lora::detail::raise<ShapeError>(optimizer_name_, "::add: '", name, "' is [", value.rows(), ", ",
                                        value.cols(), "] but its gradient is [", grad.rows(), ", ", grad.cols(),
                                        "]");
     params_.push_back({name, Backend::data(value), Backend::data(grad), value.rows(), value.cols(), lr_scale});
@@ -161,7 +161,7 @@ class optimizer_base {
   double last_grad_norm() const { return last_norm_; }
 
   /// The global L2 norm over every registered gradient. Throws
-  /// lora::numeric_error naming the first tensor with a NaN or Inf.
+  /// lora::NumericError naming the first tensor with a NaN or Inf.
   double grad_norm() const {
     double total = 0.0;
     for (const auto& p : params_) {
@@ -170,11 +170,11 @@ class optimizer_base {
       if (!std::isfinite(sq)) {
         const index_t bad = Backend::first_non_finite(p.grad, size);
         if (bad >= 0)
-          lora::detail::raise<numeric_error>(optimizer_name_, "::step: gradient of '", p.name,
+          lora::detail::raise<NumericError>(optimizer_name_, "::step: gradient of '", p.name,
                                              "' is not finite at row ", bad / p.cols, ", column ", bad % p.cols,
                                              " (value ", static_cast<double>(Backend::read(p.grad, bad)),
                                              "); no parameter was updated");
-        lora::detail::raise<numeric_error>(optimizer_name_, "::step: the squared norm of the gradient of '",
+        lora::detail::raise<NumericError>(optimizer_name_, "::step: the squared norm of the gradient of '",
                                            p.name, "' overflows; no parameter was updated");
       }
       total += sq;
@@ -183,10 +183,10 @@ class optimizer_base {
   }
 
  protected:
-  optimizer_base(const char* name, int states, double lora_plus_ratio, double max_grad_norm)
+  OptimizerBase(const char* name, int states, double lora_plus_ratio, double max_grad_norm)
       : optimizer_name_(name), states_(states), lora_plus_ratio_(lora_plus_ratio), max_grad_norm_(max_grad_norm) {
     if (!(lora_plus_ratio > 0.0) || !(max_grad_norm >= 0.0))
-      lora::detail::raise<value_error>(name, ": lora_plus_ratio = ", lora_plus_ratio,
+      lora::detail::raise<ValueError>(name, ": lora_plus_ratio = ", lora_plus_ratio,
                                        " must be > 0 and max_grad_norm = ", max_grad_norm, " must be >= 0");
   }
 
@@ -217,24 +217,24 @@ class optimizer_base {
 
 /// SGD with momentum over adapter parameters. `opt.add(layer, grads)`, then
 /// after each backward `opt.step()`.
-template <class T, class Backend = default_backend>
-class SGD : public detail::optimizer_base<T, Backend> {
-  using base = detail::optimizer_base<T, Backend>;
+template <class T, class Backend = DefaultBackend>
+class SGD : public detail::OptimizerBase<T, Backend> {
+  using base = detail::OptimizerBase<T, Backend>;
 
  public:
-  explicit SGD(sgd_options o = {})
+  explicit SGD(SGDOptions o = {})
       : base("train::SGD", o.momentum != 0.0 ? 1 : 0, o.lora_plus_ratio, o.max_grad_norm), o_(o) {
     if (!(o.lr >= 0.0) || !(o.momentum >= 0.0) || !(o.weight_decay >= 0.0) || (o.nesterov && o.momentum == 0.0))
-      lora::detail::raise<value_error>("train::SGD: lr = ", o.lr, ", momentum = ", o.momentum,
+      lora::detail::raise<ValueError>("train::SGD: lr = ", o.lr, ", momentum = ", o.momentum,
                                        ", weight_decay = ", o.weight_decay,
                                        " must be >= 0 (and Nesterov needs momentum > 0)");
   }
   /// State tensors per parameter (memory accounting): 1 with momentum, else 0.
-  static int states(const sgd_options& o) { return o.momentum != 0.0 ? 1 : 0; }
-  const sgd_options& options() const { return o_; }
+  static int states(const SGDOptions& o) { return o.momentum != 0.0 ? 1 : 0; }
+  const SGDOptions& options() const { return o_; }
   /// Learning-rate schedules set the rate between steps.
   void set_lr(double lr) {
-    if (!(lr >= 0.0)) lora::detail::raise<value_error>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be >= 0");
+    if (!(lr >= 0.0)) lora::detail::raise<ValueError>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be >= 0");
     o_.lr = lr;
   }
 
@@ -253,28 +253,28 @@ class SGD : public detail::optimizer_base<T, Backend> {
   }
 
  private:
-  sgd_options o_;
+  SGDOptions o_;
 };
 
 /// AdamW over adapter parameters; with lora_plus_ratio != 1 it is LoRA+.
-template <class T, class Backend = default_backend>
-class AdamW : public detail::optimizer_base<T, Backend> {
-  using base = detail::optimizer_base<T, Backend>;
+template <class T, class Backend = DefaultBackend>
+class AdamW : public detail::OptimizerBase<T, Backend> {
+  using base = detail::OptimizerBase<T, Backend>;
 
  public:
-  explicit AdamW(adamw_options o = {}) : base("train::AdamW", 2, o.lora_plus_ratio, o.max_grad_norm), o_(o) {
+  explicit AdamW(AdamWOptions o = {}) : base("train::AdamW", 2, o.lora_plus_ratio, o.max_grad_norm), o_(o) {
     if (!(o.lr >= 0.0) || !(o.beta1 >= 0.0 && o.beta1 < 1.0) || !(o.beta2 >= 0.0 && o.beta2 < 1.0) ||
         !(o.eps > 0.0) || !(o.weight_decay >= 0.0))
-      lora::detail::raise<value_error>("train::AdamW: lr = ", o.lr, ", beta1 = ", o.beta1, ", beta2 = ", o.beta2,
+      lora::detail::raise<ValueError>("train::AdamW: lr = ", o.lr, ", beta1 = ", o.beta1, ", beta2 = ", o.beta2,
                                        ", eps = ", o.eps, ", weight_decay = ", o.weight_decay,
                                        ": need lr, weight_decay >= 0, betas in [0, 1), eps > 0");
   }
   /// State tensors per parameter: the first and second moments.
-  static int states(const adamw_options& = {}) { return 2; }
-  const adamw_options& options() const { return o_; }
+  static int states(const AdamWOptions& = {}) { return 2; }
+  const AdamWOptions& options() const { return o_; }
   /// Learning-rate schedules set the rate between steps.
   void set_lr(double lr) {
-    if (!(lr >= 0.0)) lora::detail::raise<value_error>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be >= 0");
+    if (!(lr >= 0.0)) lora::detail::raise<ValueError>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be >= 0");
     o_.lr = lr;
   }
 
@@ -304,7 +304,7 @@ class AdamW : public detail::optimizer_base<T, Backend> {
   }
 
  private:
-  adamw_options o_;
+  AdamWOptions o_;
 };
 
 }  // namespace lora::train

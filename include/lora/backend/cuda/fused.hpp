@@ -118,7 +118,7 @@ static __global__ void __launch_bounds__(THREADS)
 /// The fused kernel's host handle (CUTLASS style): can_implement() says whether
 /// the fast path takes a shape; callers fall back otherwise.
 template <class T, int Rank>
-struct fused_adapter {
+struct FusedAdapter {
   static constexpr int tokens_per_block = 4;
   static constexpr int threads = 256;
   /// Beyond this many tokens the redundant shrink outweighs the saved launch.
@@ -134,8 +134,8 @@ struct fused_adapter {
   }
 
   /// Y (n, out) += alpha (X A^T) B^T on the current stream.
-  static void run(accum_t<T> alpha, device_matrix_view<const T> x, device_matrix_view<const T> a,
-                  device_matrix_view<const T> b, device_matrix_view<T> y) {
+  static void run(accum_t<T> alpha, DeviceMatrixView<const T> x, DeviceMatrixView<const T> a,
+                  DeviceMatrixView<const T> b, DeviceMatrixView<T> y) {
     if constexpr (Rank != dynamic) {
       if (x.rows() == 0 || y.cols() == 0) return;
       const dim3 grid(static_cast<unsigned>((y.cols() + threads - 1) / threads),
@@ -143,9 +143,9 @@ struct fused_adapter {
       device_kernels::fused_adapter<T, Rank, tokens_per_block, threads><<<grid, threads, 0, current_stream()>>>(
           x.data(), x.stride(), a.data(), a.stride(), b.data(), b.stride(), y.data(), y.stride(), x.rows(),
           x.cols(), y.cols(), alpha);
-      check_launch("lora::cuda::fused_adapter<<<>>>", __FILE__, __LINE__);
+      check_launch("lora::cuda::FusedAdapter<<<>>>", __FILE__, __LINE__);
     } else {
-      lora::detail::raise<value_error>("lora::cuda::fused_adapter: needs a static rank");
+      lora::detail::raise<ValueError>("lora::cuda::FusedAdapter: needs a static rank");
     }
   }
 };
@@ -154,7 +154,7 @@ namespace adapter_detail {
 template <class X, class A, class B, class Y>
 void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
   if (a.cols() != x.cols() || b.cols() != a.rows() || y.rows() != x.rows() || y.cols() != b.rows())
-    lora::detail::raise<shape_error>("lora::cuda::adapter_forward: X is [", x.rows(), ", ", x.cols(), "], A is [",
+    lora::detail::raise<ShapeError>("lora::cuda::adapter_forward: X is [", x.rows(), ", ", x.cols(), "], A is [",
                                      a.rows(), ", ", a.cols(), "], B is [", b.rows(), ", ", b.cols(), "], Y is [",
                                      y.rows(), ", ", y.cols(), "]; need X [n, in], A [r, in], B [out, r], Y [n, out]");
 }
@@ -167,7 +167,7 @@ void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
 /// [n, r] intermediate in `ws` (slot 0), in T.
 /// The fused kernel alone, where it is preferred (fused_adapter_preferred_v)
 /// and takes the shape: Rank static (or a runtime rank of 8 or 16) <=
-/// fused_adapter::max_rank and n <= fused_adapter::max_tokens. Returns false
+/// FusedAdapter::max_rank and n <= FusedAdapter::max_tokens. Returns false
 /// (nothing done) otherwise.
 /// Where the fused kernel is the faster way (measured on an H200, n = 1, r = 8,
 /// adapter term alone: bf16 4096^2 fused 6.2 us against ~20 us for the two
@@ -179,20 +179,20 @@ template <class T>
 inline constexpr bool fused_adapter_preferred_v = !std::is_same_v<T, float> && !std::is_same_v<T, double>;
 
 template <int Rank = dynamic, class T>
-bool try_fused_adapter(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
-                       device_matrix_view<const T> b, device_matrix_view<T> y) {
+bool try_fused_adapter(accum_t<T> s, DeviceMatrixView<const T> x, DeviceMatrixView<const T> a,
+                       DeviceMatrixView<const T> b, DeviceMatrixView<T> y) {
   const index_t n = x.rows(), r = a.rows();
   if constexpr (!fused_adapter_preferred_v<T>) {
     return false;
   } else if constexpr (Rank != dynamic) {
-    if (!fused_adapter<T, Rank>::can_implement(n, r)) return false;
-    fused_adapter<T, Rank>::run(s, x, a, b, y);
+    if (!FusedAdapter<T, Rank>::can_implement(n, r)) return false;
+    FusedAdapter<T, Rank>::run(s, x, a, b, y);
     return true;
   } else {
     bool done = false;
     for_each_rank<8, 16>([&]<int R>() {
-      if (!done && fused_adapter<T, R>::can_implement(n, r)) {
-        fused_adapter<T, R>::run(s, x, a, b, y);
+      if (!done && FusedAdapter<T, R>::can_implement(n, r)) {
+        FusedAdapter<T, R>::run(s, x, a, b, y);
         done = true;
       }
     });
@@ -201,9 +201,9 @@ bool try_fused_adapter(accum_t<T> s, device_matrix_view<const T> x, device_matri
 }
 
 template <int Rank = dynamic, class T>
-void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_view<const T> a,
-                     device_matrix_view<const T> b, device_matrix_view<T> y,
-                     typename thrust_backend::template workspace<T>& ws) {
+void adapter_forward(accum_t<T> s, DeviceMatrixView<const T> x, DeviceMatrixView<const T> a,
+                     DeviceMatrixView<const T> b, DeviceMatrixView<T> y,
+                     typename ThrustBackend::template workspace<T>& ws) {
   adapter_detail::check_adapter(x, a, b, y);
   const index_t n = x.rows(), r = a.rows();
   if (try_fused_adapter<Rank, T>(s, x, a, b, y)) return;
@@ -217,11 +217,11 @@ void adapter_forward(accum_t<T> s, device_matrix_view<const T> x, device_matrix_
 }  // namespace lora::cuda
 
 namespace lora {
-/// thrust_backend's optional hooks on CUDA (backend/traits.hpp): the
+/// ThrustBackend's optional hooks on CUDA (backend/traits.hpp): the
 /// evaluator of s B A runs the fused kernel here, so layer.forward on a CUDA
 /// device takes it with no second API.
 template <>
-struct backend_hooks<thrust_backend> {
+struct backend_hooks<ThrustBackend> {
   static constexpr bool low_rank = true;
   template <int Rank, class T, class X, class A, class B, class Y, class WS>
   static bool low_rank_apply(T alpha, const X& x, const A& a, const B& b, Y& y, WS&) {

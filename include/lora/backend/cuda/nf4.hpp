@@ -1,6 +1,6 @@
 // backend/cuda/nf4.hpp: the CUDA kernel for Y = X W^T over an NF4 weight with
 // few tokens (decode, n <= 16), nvcc only. Included by backend/thrust/nf4.hpp,
-// whose quantized_traits<device_nf4_matrix>::gemm_nt calls it; larger n takes
+// whose quantized_traits<DeviceNF4Matrix>::gemm_nt calls it; larger n takes
 // the generic Thrust functor.
 //
 // With few tokens the product is bound by reading W's codes, so the kernel
@@ -53,7 +53,7 @@ __device__ __forceinline__ void nf4_accumulate_byte(unsigned byte, index_t e, in
 /// `static` for the reason given at lora::cuda::device_kernels::fused_adapter.
 template <int NT, int WARPS>
 static __global__ void __launch_bounds__(WARPS * 32)
-    nf4_gemm_nt_small(kernels::nf4_view w, index_t r0, index_t nr, const float* __restrict__ x, index_t ldx, int n,
+    nf4_small_gemm_nt(kernels::nf4_view w, index_t r0, index_t nr, const float* __restrict__ x, index_t ldx, int n,
                       float* __restrict__ y, index_t ldy, float alpha, float beta) {
   __shared__ float lut[nf4::num_codes];
   if (threadIdx.x < nf4::num_codes) lut[threadIdx.x] = nf4::code_value(threadIdx.x);
@@ -102,7 +102,7 @@ static __global__ void __launch_bounds__(WARPS * 32)
 
 /// Host handle of the small-n NF4 kernel: can_implement() says whether it takes
 /// a shape; run() launches it on the current stream.
-struct nf4_gemm_nt_small {
+struct NF4SmallGemmNT {
   static constexpr int warps_per_block = 8;
   /// Beyond this many tokens the per-warp register tile grows too large; the
   /// generic functor (one row x 4 tokens per thread) takes over.
@@ -111,25 +111,25 @@ struct nf4_gemm_nt_small {
   static bool can_implement(index_t n, index_t nr) { return n >= 1 && n <= max_tokens && nr >= 1; }
 
   /// Y (n, nr) = beta Y + alpha X W[r0 : r0 + nr]^T.
-  static void run(const kernels::nf4_view& w, index_t r0, index_t nr, float alpha, device_matrix_view<const float> x,
-                  float beta, device_matrix_view<float> y) {
+  static void run(const kernels::nf4_view& w, index_t r0, index_t nr, float alpha, DeviceMatrixView<const float> x,
+                  float beta, DeviceMatrixView<float> y) {
     const index_t n = x.rows();
     if (n <= 1) return launch<1>(w, r0, nr, alpha, x, beta, y);
     if (n <= 2) return launch<2>(w, r0, nr, alpha, x, beta, y);
     if (n <= 4) return launch<4>(w, r0, nr, alpha, x, beta, y);
     if (n <= 8) return launch<8>(w, r0, nr, alpha, x, beta, y);
     if (n <= 16) return launch<16>(w, r0, nr, alpha, x, beta, y);
-    lora::detail::raise<value_error>("lora::cuda::nf4_gemm_nt_small: ", n, " tokens, at most ", max_tokens);
+    lora::detail::raise<ValueError>("lora::cuda::NF4SmallGemmNT: ", n, " tokens, at most ", max_tokens);
   }
 
  private:
   template <int NT>
   static void launch(const kernels::nf4_view& w, index_t r0, index_t nr, float alpha,
-                     device_matrix_view<const float> x, float beta, device_matrix_view<float> y) {
+                     DeviceMatrixView<const float> x, float beta, DeviceMatrixView<float> y) {
     const unsigned blocks = static_cast<unsigned>((nr + warps_per_block - 1) / warps_per_block);
-    device_kernels::nf4_gemm_nt_small<NT, warps_per_block><<<blocks, warps_per_block * 32, 0, current_stream()>>>(
+    device_kernels::nf4_small_gemm_nt<NT, warps_per_block><<<blocks, warps_per_block * 32, 0, current_stream()>>>(
         w, r0, nr, x.data(), x.stride(), static_cast<int>(x.rows()), y.data(), y.stride(), alpha, beta);
-    check_launch("lora::cuda::nf4_gemm_nt_small<<<>>>", __FILE__, __LINE__);
+    check_launch("lora::cuda::NF4SmallGemmNT<<<>>>", __FILE__, __LINE__);
   }
 };
 

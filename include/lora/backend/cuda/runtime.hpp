@@ -1,4 +1,4 @@
-// backend/cuda/runtime.hpp: CUDA and cuBLAS errors as lora::device_error, the
+// backend/cuda/runtime.hpp: CUDA and cuBLAS errors as lora::DeviceError, the
 // per-thread current stream, and the per-thread cuBLAS handle. nvcc only.
 #pragma once
 
@@ -13,19 +13,19 @@
 
 namespace lora::cuda {
 
-/// Throws lora::device_error naming the call, after clearing CUDA's sticky
+/// Throws lora::DeviceError naming the call, after clearing CUDA's sticky
 /// last error so the next unrelated call does not report this one again.
 inline void check(cudaError_t status, const char* call, const char* file, int line) {
   if (status == cudaSuccess) return;
   (void)cudaGetLastError();
-  lora::detail::raise<device_error>(call, " failed: ", cudaGetErrorName(status), " (", cudaGetErrorString(status),
+  lora::detail::raise<DeviceError>(call, " failed: ", cudaGetErrorName(status), " (", cudaGetErrorString(status),
                               ") at ", file, ":", line);
 }
 
 inline void check(cublasStatus_t status, const char* call, const char* file, int line) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
   (void)cudaGetLastError();
-  lora::detail::raise<device_error>(call, " failed: ", cublasGetStatusName(status), " (", cublasGetStatusString(status),
+  lora::detail::raise<DeviceError>(call, " failed: ", cublasGetStatusName(status), " (", cublasGetStatusString(status),
                               ") at ", file, ":", line);
 }
 
@@ -42,20 +42,20 @@ inline void check_launch(const char* kernel, const char* file, int line) {
 namespace lora::cuda {
 
 /// The stream this thread's lora calls (Thrust kernels, cuBLAS, fused kernels)
-/// run on; the legacy default stream (0) unless a stream_scope says otherwise.
+/// run on; the legacy default stream (0) unless a StreamScope says otherwise.
 inline cudaStream_t& current_stream() {
   thread_local cudaStream_t stream = nullptr;
   return stream;
 }
 
 /// RAII: lora calls on this thread run on `s` until the scope ends.
-///   { lora::cuda::stream_scope on(s); layer.forward(X, Y, ws); }
-class stream_scope {
+///   { lora::cuda::StreamScope on(s); layer.forward(X, Y, ws); }
+class StreamScope {
  public:
-  explicit stream_scope(cudaStream_t s) : previous_(current_stream()) { current_stream() = s; }
-  ~stream_scope() { current_stream() = previous_; }
-  stream_scope(const stream_scope&) = delete;
-  stream_scope& operator=(const stream_scope&) = delete;
+  explicit StreamScope(cudaStream_t s) : previous_(current_stream()) { current_stream() = s; }
+  ~StreamScope() { current_stream() = previous_; }
+  StreamScope(const StreamScope&) = delete;
+  StreamScope& operator=(const StreamScope&) = delete;
 
  private:
   cudaStream_t previous_;

@@ -24,7 +24,7 @@ namespace lora {
 /// The Eigen (CPU) backend: storage types and the primitives the evaluators use.
 /// Every primitive follows BLAS's alpha/beta convention; beta == 0 overwrites the
 /// destination without reading it (NaN in an uninitialised output does not leak).
-struct eigen_backend {
+struct EigenBackend {
   static constexpr const char* name = "eigen";
 
   template <class T, int Rows = dynamic, int Cols = dynamic>
@@ -133,7 +133,7 @@ struct eigen_backend {
     return m.middleRows(start, count);
   }
 
-  /// Fill with samples of `dist` (uniform_dist, normal_dist): element at flat
+  /// Fill with samples of `dist` (UniformDist, NormalDist): element at flat
   /// row-major index i draws counter i of (seed, stream), as every backend does.
   template <class M, class Dist>
   static void fill_random(M&& m, const Dist& dist, std::uint64_t seed, std::uint64_t stream) {
@@ -264,7 +264,7 @@ struct eigen_backend {
 };
 
 /// Without an explicit Backend argument, LowRankDelta lives on the CPU.
-using default_backend = eigen_backend;
+using DefaultBackend = EigenBackend;
 
 /// Every Eigen dense object (Matrix, Map, Block, Ref, Transpose...) is read by
 /// the Eigen backend.
@@ -272,7 +272,7 @@ template <class M>
 struct matrix_traits<M, std::enable_if_t<std::is_base_of_v<Eigen::EigenBase<M>, M>>> {
   static constexpr bool known = true;
   using scalar = typename M::Scalar;
-  using backend = eigen_backend;
+  using backend = EigenBackend;
   static constexpr int rows = M::RowsAtCompileTime;
   static constexpr int cols = M::ColsAtCompileTime;
   static constexpr bool writable =

@@ -47,7 +47,7 @@
 namespace lora {
 
 /// What the optional OpenBLAS hand-off decided (see backend/eigen/blas.hpp).
-struct blas_status {
+struct BlasStatus {
   bool compiled = false;  ///< built with LORA_USE_OPENBLAS
   bool active = false;    ///< large products go to OpenBLAS
   std::string core;       ///< OpenBLAS's kernel for this CPU ("SkylakeX", "Prescott", ...)
@@ -85,8 +85,8 @@ inline constexpr int compiled_isa_level() {
 
 /// The decision, given the core name, the compiled ISA and the LORA_BLAS
 /// environment value (nullptr when unset). Pure, so tests can drive it.
-inline blas_status decide(bool compiled, std::string core, int compiled_isa, const char* env) {
-  blas_status s;
+inline BlasStatus decide(bool compiled, std::string core, int compiled_isa, const char* env) {
+  BlasStatus s;
   s.compiled = compiled;
   s.core = std::move(core);
   if (!compiled) {
@@ -119,11 +119,11 @@ inline blas_status decide(bool compiled, std::string core, int compiled_isa, con
   return s;
 }
 
-inline const blas_status& status() {
+inline const BlasStatus& status() {
 #ifdef LORA_USE_OPENBLAS
-  static const blas_status s = decide(true, openblas_get_corename(), compiled_isa_level(), std::getenv("LORA_BLAS"));
+  static const BlasStatus s = decide(true, openblas_get_corename(), compiled_isa_level(), std::getenv("LORA_BLAS"));
 #else
-  static const blas_status s = decide(false, "", compiled_isa_level(), nullptr);
+  static const BlasStatus s = decide(false, "", compiled_isa_level(), nullptr);
 #endif
   return s;
 }
@@ -202,6 +202,6 @@ bool try_gemm(T alpha, const A& a, const B& b, T beta, C& c) {
 }  // namespace detail::blas
 
 /// Whether large products go to OpenBLAS in this program, and why.
-inline const blas_status& blas_info() { return detail::blas::status(); }
+inline const BlasStatus& blas_info() { return detail::blas::status(); }
 
 }  // namespace lora

@@ -195,7 +195,7 @@ struct quantized_traits<M, std::enable_if_t<std::is_base_of_v<Eigen::EigenBase<M
   static constexpr bool known = true;
   using scalar = float;  ///< the compute scalar: adapters, activations, accumulation
   using storage = typename M::Scalar;
-  using backend = eigen_backend;
+  using backend = EigenBackend;
   static constexpr int rows = M::RowsAtCompileTime;
   static constexpr int cols = M::ColsAtCompileTime;
   static_assert((int(M::Flags) & Eigen::DirectAccessBit) && ((int(M::Flags) & Eigen::RowMajorBit) || cols == 1),
@@ -216,7 +216,7 @@ struct quantized_traits<M, std::enable_if_t<std::is_base_of_v<Eigen::EigenBase<M
     std::vector<float> row(static_cast<std::size_t>(q.cols()));
     for (index_t r = 0; r < nr; ++r) {
       detail::half::widen(ref(q).row(r0 + r), q.cols(), row.data());
-      eigen_backend::axpby(alpha, Eigen::Map<const RowMatrix<float, 1, dynamic>>(row.data(), 1, q.cols()), beta,
+      EigenBackend::axpby(alpha, Eigen::Map<const RowMatrix<float, 1, dynamic>>(row.data(), 1, q.cols()), beta,
                            dst.middleRows(r, 1));
     }
   }

@@ -257,13 +257,13 @@ void gemm_transposed_rows(const NF4Matrix& W, index_t r0, index_t nr, const cons
 /// y = beta * y + alpha * W x for one token: W [out, in] in NF4, x [in], y [out].
 /// W is decoded block by block inside the dot products and never materialised.
 /// beta == 0 overwrites y without reading it (BLAS convention). Rows run in
-/// parallel when compiled with OpenMP. Throws shape_error on a size mismatch.
+/// parallel when compiled with OpenMP. Throws ShapeError on a size mismatch.
 inline void nf4_gemv(const NF4Matrix& W, std::span<const float> x, std::span<float> y, float alpha = 1.0f,
                      float beta = 0.0f) {
   if (static_cast<index_t>(x.size()) != W.cols())
-    lora::detail::raise<shape_error>("nf4_gemv: x has ", x.size(), " elements, expected W.cols() = ", W.cols());
+    lora::detail::raise<ShapeError>("nf4_gemv: x has ", x.size(), " elements, expected W.cols() = ", W.cols());
   if (static_cast<index_t>(y.size()) != W.rows())
-    lora::detail::raise<shape_error>("nf4_gemv: y has ", y.size(), " elements, expected W.rows() = ", W.rows());
+    lora::detail::raise<ShapeError>("nf4_gemv: y has ", y.size(), " elements, expected W.rows() = ", W.rows());
   detail::nf4k::gemv_rows(W, 0, W.rows(), x.data(), y.data(), alpha, beta);
 }
 
@@ -279,14 +279,14 @@ void nf4_gemv(const NF4Matrix& W, const std::type_identity_t<Eigen::Ref<const Ei
 /// Y = beta * Y + alpha * X W^T for a batch: X [n, in] and Y [n, out], both
 /// row-major (each token contiguous). A tile of W's rows at a time is dequantised
 /// into a per-thread buffer (1 MiB, 4 MiB above 32 tokens) and multiplied with Eigen; n == 1 goes
-/// to nf4_gemv. beta == 0 overwrites Y. Throws shape_error on a size mismatch.
+/// to nf4_gemv. beta == 0 overwrites Y. Throws ShapeError on a size mismatch.
 template <class T = float>  // a template only to defer compiling it (see detail::nf4k::dense_t)
 void nf4_gemm(const NF4Matrix& W, const std::type_identity_t<detail::nf4k::const_dense_ref<T>>& X,
               std::type_identity_t<detail::nf4k::dense_ref<T>> Y, float alpha = 1.0f, float beta = 0.0f) {
   if (X.cols() != W.cols())
-    lora::detail::raise<shape_error>("nf4_gemm: X has ", X.cols(), " columns, expected W.cols() = ", W.cols());
+    lora::detail::raise<ShapeError>("nf4_gemm: X has ", X.cols(), " columns, expected W.cols() = ", W.cols());
   if (Y.rows() != X.rows() || Y.cols() != W.rows())
-    lora::detail::raise<shape_error>("nf4_gemm: Y is ", Y.rows(), " x ", Y.cols(), ", expected ", X.rows(),
+    lora::detail::raise<ShapeError>("nf4_gemm: Y is ", Y.rows(), " x ", Y.cols(), ", expected ", X.rows(),
                                      " x ", W.rows(), " (X.rows() x W.rows())");
   detail::nf4k::gemm_rows<T>(W, 0, W.rows(), X, Y, alpha, beta);
 }
@@ -294,16 +294,16 @@ void nf4_gemm(const NF4Matrix& W, const std::type_identity_t<detail::nf4k::const
 /// dX = beta * dX + alpha * G W, the product the backward pass needs through a
 /// frozen NF4 base: G [n, out] and dX [n, in], both row-major. Same row tiles as
 /// nf4_gemm; the tiles run in order (each adds into all of dX), Eigen may thread
-/// the products. beta == 0 overwrites dX. Throws shape_error on a size mismatch.
+/// the products. beta == 0 overwrites dX. Throws ShapeError on a size mismatch.
 template <class T = float>  // a template only to defer compiling it (see detail::nf4k::dense_t)
 void nf4_gemm_transposed(const NF4Matrix& W, const std::type_identity_t<detail::nf4k::const_dense_ref<T>>& G,
                          std::type_identity_t<detail::nf4k::dense_ref<T>> dX, float alpha = 1.0f,
                          float beta = 0.0f) {
   if (G.cols() != W.rows())
-    lora::detail::raise<shape_error>("nf4_gemm_transposed: G has ", G.cols(), " columns, expected W.rows() = ",
+    lora::detail::raise<ShapeError>("nf4_gemm_transposed: G has ", G.cols(), " columns, expected W.rows() = ",
                                      W.rows());
   if (dX.rows() != G.rows() || dX.cols() != W.cols())
-    lora::detail::raise<shape_error>("nf4_gemm_transposed: dX is ", dX.rows(), " x ", dX.cols(), ", expected ",
+    lora::detail::raise<ShapeError>("nf4_gemm_transposed: dX is ", dX.rows(), " x ", dX.cols(), ", expected ",
                                      G.rows(), " x ", W.cols(), " (G.rows() x W.cols())");
   detail::nf4k::gemm_transposed_rows<T>(W, 0, W.rows(), G, dX, alpha, beta);
 }
@@ -312,7 +312,7 @@ template <>
 struct quantized_traits<NF4Matrix> {
   static constexpr bool known = true;
   using scalar = float;
-  using backend = eigen_backend;
+  using backend = EigenBackend;
   static constexpr int rows = dynamic;
   static constexpr int cols = dynamic;
 
@@ -337,7 +337,7 @@ struct quantized_traits<NF4Matrix> {
     for (index_t off = 0; off < nr; off += tile_rows) {
       const index_t tr = std::min(tile_rows, nr - off);
       q.dequantize_rows(r0 + off, tr, tile);
-      eigen_backend::axpby(alpha, Eigen::Map<const NF4Matrix::dense_matrix>(tile, tr, in), beta,
+      EigenBackend::axpby(alpha, Eigen::Map<const NF4Matrix::dense_matrix>(tile, tr, in), beta,
                            dst.middleRows(off, tr));
     }
   }

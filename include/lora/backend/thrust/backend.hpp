@@ -70,7 +70,7 @@ inline auto thrust_policy() {
 #endif
 }
 
-/// Runs f; on CUDA, Thrust's errors become lora::device_error naming `what`
+/// Runs f; on CUDA, Thrust's errors become lora::DeviceError naming `what`
 /// (CUDA's sticky error is cleared first). On OMP/CPP there are none to map.
 template <class F>
 decltype(auto) device_call(const char* what, F&& f) {
@@ -79,7 +79,7 @@ decltype(auto) device_call(const char* what, F&& f) {
     return std::forward<F>(f)();
   } catch (const thrust::system_error& e) {
     (void)cudaGetLastError();
-    raise<device_error>(what, " failed: ", e.what());
+    raise<DeviceError>(what, " failed: ", e.what());
   }
 #else
   (void)what;
@@ -108,18 +108,18 @@ T read_one(const T* p) {
 template <class M>
 inline constexpr bool is_owned_device_matrix_v = false;
 template <class T, int R, int C>
-inline constexpr bool is_owned_device_matrix_v<device_matrix<T, R, C>> = true;
+inline constexpr bool is_owned_device_matrix_v<DeviceMatrix<T, R, C>> = true;
 
 }  // namespace detail
 
 /// The Thrust backend: device storage and the primitives the evaluators use.
-struct thrust_backend {
+struct ThrustBackend {
   static constexpr const char* name = "thrust";
 
   template <class T, int Rows = dynamic, int Cols = dynamic>
-  using matrix = device_matrix<T, Rows, Cols>;
+  using matrix = DeviceMatrix<T, Rows, Cols>;
   template <class T>
-  using vector = device_matrix<T, dynamic, 1>;
+  using vector = DeviceMatrix<T, dynamic, 1>;
 
   /// Scratch device memory for intermediates ([n, r] in the unmerged forward).
   /// Grows, never shrinks, so a reused workspace stops allocating.
@@ -127,7 +127,7 @@ struct thrust_backend {
   class workspace {
    public:
     template <int Cols = dynamic>
-    device_matrix_view<T, dynamic, Cols> matrix(index_t rows, index_t cols, int slot = 0) {
+    DeviceMatrixView<T, dynamic, Cols> matrix(index_t rows, index_t cols, int slot = 0) {
       auto& buf = slot == 0 ? first_ : second_;
       if (static_cast<index_t>(buf.size()) < rows * cols) {
         buf.clear();  // nothing to keep: avoids copying the old contents
@@ -146,7 +146,7 @@ struct thrust_backend {
     if constexpr (detail::is_owned_device_matrix_v<std::remove_cvref_t<M>>) {
       m.resize(rows, cols);
     } else if (m.rows() != rows || m.cols() != cols) {
-      detail::raise<shape_error>("thrust_backend::resize: a view is [", m.rows(), ", ", m.cols(),
+      detail::raise<ShapeError>("ThrustBackend::resize: a view is [", m.rows(), ", ", m.cols(),
                                  "] and cannot become [", rows, ", ", cols, "]");
     }
   }
@@ -157,7 +157,7 @@ struct thrust_backend {
     const auto xv = view(x);
     const auto wv = view(w);
     const auto yv = view(y);
-    check_product("thrust_backend::gemm_nt", xv.rows(), xv.cols(), wv.cols(), wv.rows(), yv.rows(), yv.cols());
+    check_product("ThrustBackend::gemm_nt", xv.rows(), xv.cols(), wv.cols(), wv.rows(), yv.rows(), yv.cols());
     constexpr int K = detail::first_static(detail::static_cols_v<X>, detail::static_cols_v<W>);
     gemm_impl<K>(false, true, yv.rows(), yv.cols(), xv.cols(), alpha, xv.data(), xv.stride(), wv.data(),
                  wv.stride(), beta, yv.data(), yv.stride());
@@ -168,7 +168,7 @@ struct thrust_backend {
     const auto av = view(a);
     const auto bv = view(b);
     const auto cv = view(c);
-    check_product("thrust_backend::gemm_nn", av.rows(), av.cols(), bv.rows(), bv.cols(), cv.rows(), cv.cols());
+    check_product("ThrustBackend::gemm_nn", av.rows(), av.cols(), bv.rows(), bv.cols(), cv.rows(), cv.cols());
     constexpr int K = detail::first_static(detail::static_cols_v<A>, detail::static_rows_v<B>);
     gemm_impl<K>(false, false, cv.rows(), cv.cols(), av.cols(), alpha, av.data(), av.stride(), bv.data(),
                  bv.stride(), beta, cv.data(), cv.stride());
@@ -179,7 +179,7 @@ struct thrust_backend {
     const auto av = view(a);
     const auto bv = view(b);
     const auto cv = view(c);
-    check_product("thrust_backend::gemm_tn", av.cols(), av.rows(), bv.rows(), bv.cols(), cv.rows(), cv.cols());
+    check_product("ThrustBackend::gemm_tn", av.cols(), av.rows(), bv.rows(), bv.cols(), cv.rows(), cv.cols());
     constexpr int K = detail::first_static(detail::static_rows_v<A>, detail::static_rows_v<B>);
     gemm_impl<K>(true, false, cv.rows(), cv.cols(), av.rows(), alpha, av.data(), av.stride(), bv.data(),
                  bv.stride(), beta, cv.data(), cv.stride());
@@ -191,9 +191,9 @@ struct thrust_backend {
     using S = scalar_of_t<Y>;
     const auto xv = view(x);
     const auto yv = view(y);
-    check_same("thrust_backend::axpby", xv, yv);
+    check_same("ThrustBackend::axpby", xv, yv);
     using A = kernels::accum_t<S>;
-    detail::launch("thrust_backend::axpby", yv.size(),
+    detail::launch("ThrustBackend::axpby", yv.size(),
                    kernels::axpby<S>{xv, yv, static_cast<A>(alpha), static_cast<A>(beta)});
   }
 
@@ -201,7 +201,7 @@ struct thrust_backend {
   static void fill(M&& m, T value) {
     using S = scalar_of_t<M>;
     const auto mv = view(m);
-    detail::launch("thrust_backend::fill", mv.size(), kernels::fill<S>{mv, static_cast<S>(value)});
+    detail::launch("ThrustBackend::fill", mv.size(), kernels::fill<S>{mv, static_cast<S>(value)});
   }
 
   /// dst = src; an owned dst takes src's shape, a view must already have it.
@@ -211,7 +211,7 @@ struct thrust_backend {
     const auto sv = view(src);
     resize(dst, sv.rows(), sv.cols());
     const auto dv = view(dst);
-    detail::launch("thrust_backend::copy", dv.size(), kernels::copy<S>{sv, dv});
+    detail::launch("ThrustBackend::copy", dv.size(), kernels::copy<S>{sv, dv});
   }
 
   /// Y[i, :] += alpha * b^T for every row i (bias add); b is [cols, 1].
@@ -221,9 +221,9 @@ struct thrust_backend {
     const auto bv = view(b);
     const auto yv = view(y);
     if (bv.cols() != 1 || bv.rows() != yv.cols())
-      detail::raise<shape_error>("thrust_backend::add_to_rows: b is [", bv.rows(), ", ", bv.cols(),
+      detail::raise<ShapeError>("ThrustBackend::add_to_rows: b is [", bv.rows(), ", ", bv.cols(),
                                  "], expected a vector of ", yv.cols(), " entries");
-    detail::launch("thrust_backend::add_to_rows", yv.size(),
+    detail::launch("ThrustBackend::add_to_rows", yv.size(),
                    kernels::add_to_rows<S>{bv, yv, static_cast<kernels::accum_t<S>>(alpha)});
   }
 
@@ -237,9 +237,9 @@ struct thrust_backend {
       if (beta == T(0)) resize(db, gv.cols(), 1);
     const auto dv = view(db);
     if (dv.cols() != 1 || dv.rows() != gv.cols())
-      detail::raise<shape_error>("thrust_backend::sum_rows: db is [", dv.rows(), ", ", dv.cols(),
+      detail::raise<ShapeError>("ThrustBackend::sum_rows: db is [", dv.rows(), ", ", dv.cols(),
                                  "], expected a vector of ", gv.cols(), " entries");
-    detail::launch("thrust_backend::sum_rows", gv.cols(),
+    detail::launch("ThrustBackend::sum_rows", gv.cols(),
                    kernels::sum_rows<S>{gv, dv, static_cast<A>(alpha), static_cast<A>(beta)});
   }
 
@@ -247,10 +247,10 @@ struct thrust_backend {
   template <class M>
   static index_t first_non_finite(const M& m) {
     using S = scalar_of_t<M>;
-    const device_matrix_view<const S> mv = view(m);
+    const DeviceMatrixView<const S> mv = view(m);
     const index_t none = mv.size();
     if (none == 0) return -1;
-    const index_t first = detail::device_call("thrust_backend::first_non_finite", [&] {
+    const index_t first = detail::device_call("ThrustBackend::first_non_finite", [&] {
       return thrust::transform_reduce(detail::thrust_policy(), thrust::counting_iterator<index_t>(0),
                                       thrust::counting_iterator<index_t>(none),
                                       kernels::non_finite_index<S>{mv, none}, none, kernels::min_index{});
@@ -271,9 +271,9 @@ struct thrust_backend {
     const auto mv = view(m);
     using E = typename decltype(mv)::element_type;
     if (start < 0 || count < 0 || start + count > mv.rows())
-      detail::raise<shape_error>("thrust_backend::middle_rows: rows [", start, ", ", start + count,
+      detail::raise<ShapeError>("ThrustBackend::middle_rows: rows [", start, ", ", start + count,
                                  ") of a matrix with ", mv.rows(), " rows");
-    return device_matrix_view<E, dynamic, detail::static_cols_v<M>>{mv.data() + start * mv.stride(), count,
+    return DeviceMatrixView<E, dynamic, detail::static_cols_v<M>>{mv.data() + start * mv.stride(), count,
                                                                      mv.cols(), mv.stride()};
   }
 
@@ -283,7 +283,7 @@ struct thrust_backend {
   static void fill_random(M&& m, const Dist& dist, std::uint64_t seed, std::uint64_t stream) {
     using S = scalar_of_t<M>;
     const auto mv = view(m);
-    detail::launch("thrust_backend::fill_random", mv.size(), kernels::fill_random<S, Dist>{mv, dist, seed, stream});
+    detail::launch("ThrustBackend::fill_random", mv.size(), kernels::fill_random<S, Dist>{mv, dist, seed, stream});
   }
 
   /// A compile-time vector [k] seen as one row [1, k] (a single token).
@@ -292,9 +292,9 @@ struct thrust_backend {
     const auto vv = view(v);
     using E = typename decltype(vv)::element_type;
     if (vv.cols() != 1 || (vv.rows() > 1 && vv.stride() != 1))
-      detail::raise<shape_error>("thrust_backend::as_row: expected a contiguous vector, got [", vv.rows(), ", ",
+      detail::raise<ShapeError>("ThrustBackend::as_row: expected a contiguous vector, got [", vv.rows(), ", ",
                                  vv.cols(), "] with row stride ", vv.stride());
-    return device_matrix_view<E>{vv.data(), 1, vv.rows(), vv.rows()};
+    return DeviceMatrixView<E>{vv.data(), 1, vv.rows(), vv.rows()};
   }
 
   /// True when both operands have storage and their byte ranges intersect.
@@ -317,7 +317,7 @@ struct thrust_backend {
   template <class M>
   static RowMatrix<scalar_of_t<M>> to_host(const M& m) {
     using S = scalar_of_t<M>;
-    const device_matrix_view<const S> mv = view(m);
+    const DeviceMatrixView<const S> mv = view(m);
     RowMatrix<S> host(mv.rows(), mv.cols());
     if (mv.size() == 0) return host;
     if (mv.contiguous()) {
@@ -325,7 +325,7 @@ struct thrust_backend {
         thrust::copy_n(thrust::device_pointer_cast(mv.data()), mv.size(), host.data());
       });
     } else {  // gather the rows into one contiguous block first: one transfer
-      device_matrix<S> packed(mv.rows(), mv.cols());
+      DeviceMatrix<S> packed(mv.rows(), mv.cols());
       copy(mv, packed);
       detail::device_call("thrust::copy_n (device to host)", [&] {
         thrust::copy_n(packed.storage().begin(), packed.size(), host.data());
@@ -349,14 +349,14 @@ struct thrust_backend {
         thrust::copy_n(h.data(), h.size(), thrust::device_pointer_cast(mv.data()));
       });
     } else {
-      device_matrix<S> packed(h.rows(), h.cols());
+      DeviceMatrix<S> packed(h.rows(), h.cols());
       detail::device_call("thrust::copy_n (host to device)",
                           [&] { thrust::copy_n(h.data(), h.size(), packed.storage().begin()); });
       copy(packed, mv);
     }
   }
 
-  // ---- training primitives (mirroring eigen_backend's) ------------------------
+  // ---- training primitives (mirroring EigenBackend's) ------------------------
 
   /// Pointer to the contiguous device storage of an owned matrix or vector.
   template <class M>
@@ -373,13 +373,13 @@ struct thrust_backend {
   /// only its own element, so the result does not depend on the order.
   template <class F>
   static void for_each_index(index_t n, F f) {
-    detail::launch("thrust_backend::for_each_index", n, f);
+    detail::launch("ThrustBackend::for_each_index", n, f);
   }
   /// sum of x[i]^2 over [0, n) in double (x is device memory).
   template <class T>
   static double squared_norm(const T* x, index_t n) {
     if (n <= 0) return 0.0;
-    return detail::device_call("thrust_backend::squared_norm", [&] {
+    return detail::device_call("ThrustBackend::squared_norm", [&] {
       return thrust::transform_reduce(detail::thrust_policy(), thrust::counting_iterator<index_t>(0),
                                       thrust::counting_iterator<index_t>(n), kernels::squared<T>{x}, 0.0,
                                       kernels::plus_double{});
@@ -389,7 +389,7 @@ struct thrust_backend {
   template <class T>
   static index_t first_non_finite(const T* x, index_t n) {
     if (n <= 0) return -1;
-    const index_t first = detail::device_call("thrust_backend::first_non_finite", [&] {
+    const index_t first = detail::device_call("ThrustBackend::first_non_finite", [&] {
       return thrust::transform_reduce(detail::thrust_policy(), thrust::counting_iterator<index_t>(0),
                                       thrust::counting_iterator<index_t>(n), kernels::non_finite_flat<T>{x, n}, n,
                                       kernels::min_index{});
@@ -401,7 +401,7 @@ struct thrust_backend {
   static T read(const T* x, index_t i) {
     return detail::read_one(x + i);
   }
-  /// Inverted dropout with eigen_backend::dropout's counter-based mask:
+  /// Inverted dropout with EigenBackend::dropout's counter-based mask:
   ///   Y = beta Y + alpha * keep(t, i) / (1 - p) * X   (X, Y [n, cols])
   template <class T, class X, class Y>
   static void dropout(T alpha, const X& x, T beta, Y&& y, double p, std::uint64_t seed, std::uint64_t stream) {
@@ -409,9 +409,9 @@ struct thrust_backend {
     using A = kernels::accum_t<S>;
     const auto xv = view(x);
     const auto yv = view(y);
-    check_same("thrust_backend::dropout", xv, yv);
+    check_same("ThrustBackend::dropout", xv, yv);
     const S kept = static_cast<S>(alpha) / static_cast<S>(1.0 - p);
-    detail::launch("thrust_backend::dropout", yv.size(),
+    detail::launch("ThrustBackend::dropout", yv.size(),
                    kernels::dropout<S>{xv, yv, static_cast<A>(alpha), static_cast<A>(beta), kept, p, seed, stream});
   }
 
@@ -419,13 +419,13 @@ struct thrust_backend {
   static void check_product(const char* where, index_t am, index_t ak, index_t bk, index_t bn, index_t cm,
                             index_t cn) {
     if (ak != bk || am != cm || bn != cn)
-      detail::raise<shape_error>(where, ": op(A) is [", am, ", ", ak, "], op(B) is [", bk, ", ", bn,
+      detail::raise<ShapeError>(where, ": op(A) is [", am, ", ", ak, "], op(B) is [", bk, ", ", bn,
                                  "] and C is [", cm, ", ", cn, "]; need C [m, n] = op(A) [m, k] op(B) [k, n]");
   }
   template <class X, class Y>
   static void check_same(const char* where, const X& x, const Y& y) {
     if (x.rows() != y.rows() || x.cols() != y.cols())
-      detail::raise<shape_error>(where, ": X is [", x.rows(), ", ", x.cols(), "] and Y is [", y.rows(), ", ",
+      detail::raise<ShapeError>(where, ": X is [", x.rows(), ", ", x.cols(), "] and Y is [", y.rows(), ", ",
                                  y.cols(), "]; both must have the same shape");
   }
 
@@ -456,7 +456,7 @@ struct thrust_backend {
                                     tiles,
                                     static_cast<A>(alpha),
                                     static_cast<A>(beta)};
-    detail::launch("thrust_backend::gemm", m * tiles, f);
+    detail::launch("ThrustBackend::gemm", m * tiles, f);
   }
 };
 

@@ -116,8 +116,8 @@ struct gemm {
 template <class T>
 struct axpby {
   using A = accum_t<T>;
-  device_matrix_view<const T> x;
-  device_matrix_view<T> y;
+  DeviceMatrixView<const T> x;
+  DeviceMatrixView<T> y;
   A alpha, beta;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
     const index_t i = idx / y.cols(), j = idx % y.cols();
@@ -127,15 +127,15 @@ struct axpby {
 
 template <class T>
 struct fill {
-  device_matrix_view<T> m;
+  DeviceMatrixView<T> m;
   T value;
   LORA_HOST_DEVICE void operator()(index_t idx) const { m(idx / m.cols(), idx % m.cols()) = value; }
 };
 
 template <class T>
 struct copy {
-  device_matrix_view<const T> src;
-  device_matrix_view<T> dst;
+  DeviceMatrixView<const T> src;
+  DeviceMatrixView<T> dst;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
     const index_t i = idx / dst.cols(), j = idx % dst.cols();
     dst(i, j) = src(i, j);
@@ -146,8 +146,8 @@ struct copy {
 template <class T>
 struct add_to_rows {
   using A = accum_t<T>;
-  device_matrix_view<const T> b;
-  device_matrix_view<T> y;
+  DeviceMatrixView<const T> b;
+  DeviceMatrixView<T> y;
   A alpha;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
     const index_t i = idx / y.cols(), j = idx % y.cols();
@@ -160,8 +160,8 @@ struct add_to_rows {
 template <class T>
 struct sum_rows {
   using A = accum_t<T>;
-  device_matrix_view<const T> g;
-  device_matrix_view<T> db;  // (cols, 1)
+  DeviceMatrixView<const T> g;
+  DeviceMatrixView<T> db;  // (cols, 1)
   A alpha, beta;
   LORA_HOST_DEVICE void operator()(index_t j) const {
     A acc = 0;
@@ -174,7 +174,7 @@ struct sum_rows {
 /// otherwise; a min-reduction then finds the first one.
 template <class T>
 struct non_finite_index {
-  device_matrix_view<const T> m;
+  DeviceMatrixView<const T> m;
   index_t none;
   LORA_HOST_DEVICE index_t operator()(index_t idx) const {
     return is_finite(m(idx / m.cols(), idx % m.cols())) ? none : idx;
@@ -210,7 +210,7 @@ struct plus_double {
 /// Eigen backend's loop, whatever the order the indices run in.
 template <class T, class Dist>
 struct fill_random {
-  device_matrix_view<T> m;
+  DeviceMatrixView<T> m;
   Dist dist;
   std::uint64_t seed, stream;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
@@ -219,21 +219,21 @@ struct fill_random {
   }
 };
 
-/// Inverted dropout with the counter-based mask of eigen_backend::dropout:
+/// Inverted dropout with the counter-based mask of EigenBackend::dropout:
 /// keep(t, i) = to_unit(random_bits(seed, stream, t * cols + i)) >= p.
 template <class T>
 struct dropout {
   using A = accum_t<T>;
-  device_matrix_view<const T> x;
-  device_matrix_view<T> y;
+  DeviceMatrixView<const T> x;
+  DeviceMatrixView<T> y;
   A alpha, beta;
-  T kept;  // alpha / (1 - p), computed in T as eigen_backend does
+  T kept;  // alpha / (1 - p), computed in T as EigenBackend does
   double p;
   std::uint64_t seed, stream;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
     const index_t t = idx / x.cols(), i = idx % x.cols();
     const bool keep = detail::to_unit(detail::random_bits(seed, stream, static_cast<std::uint64_t>(idx))) >= p;
-    // Unfused products: eigen_backend::dropout computes the same bits.
+    // Unfused products: EigenBackend::dropout computes the same bits.
     const T v = keep ? static_cast<T>(detail::mul_unfused(static_cast<A>(kept), static_cast<A>(x(t, i)))) : T(0);
     y(t, i) = beta == A(0) ? v : static_cast<T>(detail::mul_unfused(beta, static_cast<A>(y(t, i))) + static_cast<A>(v));
   }

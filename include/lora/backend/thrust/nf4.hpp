@@ -1,10 +1,10 @@
 // backend/thrust/nf4.hpp: NF4 base weights on the Thrust backend (QLoRA on the
-// device). device_nf4_matrix keeps bitsandbytes' compressed layout in device
+// device). DeviceNF4Matrix keeps bitsandbytes' compressed layout in device
 // memory (4-bit codes, block scales, double-quantised or not); the products
 // decode W on the fly in LORA_HOST_DEVICE functors and never hold it in fp32.
 //
-//   lora::device_nf4_matrix Wq = lora::to_device(host_nf4);   // bytes uploaded once
-//   lora::AdaptedLinear layer{std::move(Wq), lora::LowRankDelta<float, 8, lora::thrust_backend>{out, in}};
+//   lora::DeviceNF4Matrix Wq = lora::to_device(host_nf4);   // bytes uploaded once
+//   lora::AdaptedLinear layer{std::move(Wq), lora::LowRankDelta<float, 8, lora::ThrustBackend>{out, in}};
 //   auto gpu = lora::to_device(host_qlora_layer);              // the whole layer
 //
 // Decoding uses nf4::decode / nf4::decode_scale, the host's roundings, so
@@ -71,8 +71,8 @@ struct nf4_view {
 template <int TT>
 struct nf4_gemm_nt {
   nf4_view w;
-  device_matrix_view<const float> x;  // (n, in)
-  device_matrix_view<float> y;        // (n, nr)
+  DeviceMatrixView<const float> x;  // (n, in)
+  DeviceMatrixView<float> y;        // (n, nr)
   index_t r0, token_tiles;
   float alpha, beta;
 
@@ -113,8 +113,8 @@ struct nf4_gemm_nt {
 template <int TT>
 struct nf4_gemm_nn {
   nf4_view w;
-  device_matrix_view<const float> g;  // (n, nr)
-  device_matrix_view<float> dx;       // (n, in)
+  DeviceMatrixView<const float> g;  // (n, nr)
+  DeviceMatrixView<float> dx;       // (n, in)
   index_t r0;
   float alpha, beta;
 
@@ -145,7 +145,7 @@ struct nf4_gemm_nn {
 /// D (nr, in) = beta D + alpha W[r0 : r0 + nr], one element per index.
 struct nf4_assign {
   nf4_view w;
-  device_matrix_view<float> d;
+  DeviceMatrixView<float> d;
   index_t r0;
   float alpha, beta;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
@@ -161,18 +161,18 @@ struct nf4_assign {
 /// codes, absmax2 per 256 blocks, the offset and the 256-entry map), so it
 /// takes the same 4.127 bits per parameter as on the host. Immutable; built by
 /// uploading a host NF4Matrix. Copying copies the device buffers.
-class device_nf4_matrix {
+class DeviceNF4Matrix {
  public:
-  device_nf4_matrix() = default;
+  DeviceNF4Matrix() = default;
 
   /// Uploads the host matrix's bytes (nothing is re-quantised).
-  explicit device_nf4_matrix(const NF4Matrix& host)
+  explicit DeviceNF4Matrix(const NF4Matrix& host)
       : rows_(host.rows()),
         cols_(host.cols()),
         block_size_(host.block_size()),
         double_quant_(host.double_quantized()),
         offset_(host.absmax_offset()) {
-    detail::device_call("lora::device_nf4_matrix (upload)", [&] {
+    detail::device_call("lora::DeviceNF4Matrix (upload)", [&] {
       upload(host.packed(), packed_);
       if (double_quant_) {
         upload(host.absmax_q8(), q8_);
@@ -225,10 +225,10 @@ class device_nf4_matrix {
   }
 
   /// The dense fp32 matrix on the device (only when asked: 8x the memory).
-  device_matrix<float> dequantize() const;
+  DeviceMatrix<float> dequantize() const;
   /// The dequantised matrix copied to the host (tests, debugging); bit-identical
   /// to NF4Matrix::dequantize() of the uploaded matrix.
-  NF4Matrix::dense_matrix dequantize_to_host() const { return thrust_backend::to_host(dequantize()); }
+  NF4Matrix::dense_matrix dequantize_to_host() const { return ThrustBackend::to_host(dequantize()); }
 
   /// The bytes back as a host NF4Matrix (the same bytes that were uploaded).
   NF4Matrix to_host() const {
@@ -250,7 +250,7 @@ class device_nf4_matrix {
   template <class T>
   static std::vector<T> download(const thrust::device_vector<T>& dev) {
     std::vector<T> host(dev.size());
-    detail::device_call("lora::device_nf4_matrix (download)", [&] {
+    detail::device_call("lora::DeviceNF4Matrix (download)", [&] {
       if (!host.empty()) thrust::copy_n(dev.begin(), dev.size(), host.data());
     });
     return host;
@@ -268,8 +268,8 @@ class device_nf4_matrix {
 
 /// Host NF4 -> device NF4 (the bytes, not re-quantised). With it, to_device /
 /// to_host of a whole QLoRA AdaptedLinear work as for a dense base.
-inline device_nf4_matrix to_device(const NF4Matrix& host) { return device_nf4_matrix(host); }
-inline NF4Matrix to_host(const device_nf4_matrix& dev) { return dev.to_host(); }
+inline DeviceNF4Matrix to_device(const NF4Matrix& host) { return DeviceNF4Matrix(host); }
+inline NF4Matrix to_host(const DeviceNF4Matrix& dev) { return dev.to_host(); }
 
 }  // namespace lora
 
@@ -280,12 +280,12 @@ inline NF4Matrix to_host(const device_nf4_matrix& dev) { return dev.to_host(); }
 namespace lora {
 
 /// QLoRA on the Thrust backend: the `dequantized` node's products over a
-/// device_nf4_matrix, as quantized_traits<NF4Matrix> does on the host.
+/// DeviceNF4Matrix, as quantized_traits<NF4Matrix> does on the host.
 template <>
-struct quantized_traits<device_nf4_matrix> {
+struct quantized_traits<DeviceNF4Matrix> {
   static constexpr bool known = true;
   using scalar = float;
-  using backend = thrust_backend;
+  using backend = ThrustBackend;
   static constexpr int rows = dynamic;
   static constexpr int cols = dynamic;
   /// Tokens per register tile in the functors.
@@ -293,17 +293,17 @@ struct quantized_traits<device_nf4_matrix> {
 
   /// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T.
   template <class X, class Y>
-  static void gemm_nt(const device_nf4_matrix& q, index_t r0, index_t nr, float alpha, const X& x, float beta, Y& y) {
-    const device_matrix_view<const float> xv = view(x);
-    const device_matrix_view<float> yv = view(y);
+  static void gemm_nt(const DeviceNF4Matrix& q, index_t r0, index_t nr, float alpha, const X& x, float beta, Y& y) {
+    const DeviceMatrixView<const float> xv = view(x);
+    const DeviceMatrixView<float> yv = view(y);
     check_rows("gemm_nt", q, r0, nr);
     if (xv.cols() != q.cols() || yv.rows() != xv.rows() || yv.cols() != nr)
-      detail::raise<shape_error>("quantized_traits<device_nf4_matrix>::gemm_nt: X is [", xv.rows(), ", ", xv.cols(),
+      detail::raise<ShapeError>("quantized_traits<DeviceNF4Matrix>::gemm_nt: X is [", xv.rows(), ", ", xv.cols(),
                                  "] and Y is [", yv.rows(), ", ", yv.cols(), "], expected X [n, ", q.cols(),
                                  "] and Y [n, ", nr, "]");
 #if LORA_THRUST_ON_CUDA && LORA_THRUST_NF4_CUDA_KERNEL
-    if (cuda::nf4_gemm_nt_small::can_implement(xv.rows(), nr)) {
-      cuda::nf4_gemm_nt_small::run(q.device_view(), r0, nr, alpha, xv, beta, yv);
+    if (cuda::NF4SmallGemmNT::can_implement(xv.rows(), nr)) {
+      cuda::NF4SmallGemmNT::run(q.device_view(), r0, nr, alpha, xv, beta, yv);
       return;
     }
 #endif
@@ -312,52 +312,52 @@ struct quantized_traits<device_nf4_matrix> {
 
   /// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr], G [n, nr].
   template <class G, class DX>
-  static void gemm_nn(const device_nf4_matrix& q, index_t r0, index_t nr, float alpha, const G& g, float beta,
+  static void gemm_nn(const DeviceNF4Matrix& q, index_t r0, index_t nr, float alpha, const G& g, float beta,
                       DX& dx) {
-    const device_matrix_view<const float> gv = view(g);
-    const device_matrix_view<float> dv = view(dx);
+    const DeviceMatrixView<const float> gv = view(g);
+    const DeviceMatrixView<float> dv = view(dx);
     check_rows("gemm_nn", q, r0, nr);
     if (gv.cols() != nr || dv.rows() != gv.rows() || dv.cols() != q.cols())
-      detail::raise<shape_error>("quantized_traits<device_nf4_matrix>::gemm_nn: G is [", gv.rows(), ", ", gv.cols(),
+      detail::raise<ShapeError>("quantized_traits<DeviceNF4Matrix>::gemm_nn: G is [", gv.rows(), ", ", gv.cols(),
                                  "] and dX is [", dv.rows(), ", ", dv.cols(), "], expected G [n, ", nr,
                                  "] and dX [n, ", q.cols(), "]");
     const index_t tiles = (gv.rows() + token_tile - 1) / token_tile;
-    detail::launch("quantized_traits<device_nf4_matrix>::gemm_nn", tiles * q.cols(),
+    detail::launch("quantized_traits<DeviceNF4Matrix>::gemm_nn", tiles * q.cols(),
                    kernels::nf4_gemm_nn<token_tile>{q.device_view(), gv, dv, r0, alpha, beta});
   }
 
   /// D [nr, in] = beta D + alpha W[r0 : r0 + nr].
   template <class D>
-  static void assign(const device_nf4_matrix& q, index_t r0, index_t nr, float alpha, float beta, D& dst) {
-    const device_matrix_view<float> dv = view(dst);
+  static void assign(const DeviceNF4Matrix& q, index_t r0, index_t nr, float alpha, float beta, D& dst) {
+    const DeviceMatrixView<float> dv = view(dst);
     check_rows("assign", q, r0, nr);
     if (dv.rows() != nr || dv.cols() != q.cols())
-      detail::raise<shape_error>("quantized_traits<device_nf4_matrix>::assign: D is [", dv.rows(), ", ", dv.cols(),
+      detail::raise<ShapeError>("quantized_traits<DeviceNF4Matrix>::assign: D is [", dv.rows(), ", ", dv.cols(),
                                  "], expected [", nr, ", ", q.cols(), "]");
-    detail::launch("quantized_traits<device_nf4_matrix>::assign", dv.size(),
+    detail::launch("quantized_traits<DeviceNF4Matrix>::assign", dv.size(),
                    kernels::nf4_assign{q.device_view(), dv, r0, alpha, beta});
   }
 
   /// gemm_nt through the generic functor on every system (CUDA included), so
   /// tests can compare the CUDA kernel with it.
-  static void gemm_nt_functor(const device_nf4_matrix& q, index_t r0, index_t nr, float alpha,
-                              device_matrix_view<const float> x, float beta, device_matrix_view<float> y) {
+  static void gemm_nt_functor(const DeviceNF4Matrix& q, index_t r0, index_t nr, float alpha,
+                              DeviceMatrixView<const float> x, float beta, DeviceMatrixView<float> y) {
     const index_t tiles = (x.rows() + token_tile - 1) / token_tile;
-    detail::launch("quantized_traits<device_nf4_matrix>::gemm_nt", nr * tiles,
+    detail::launch("quantized_traits<DeviceNF4Matrix>::gemm_nt", nr * tiles,
                    kernels::nf4_gemm_nt<token_tile>{q.device_view(), x, y, r0, tiles, alpha, beta});
   }
 
  private:
-  static void check_rows(const char* fn, const device_nf4_matrix& q, index_t r0, index_t nr) {
+  static void check_rows(const char* fn, const DeviceNF4Matrix& q, index_t r0, index_t nr) {
     if (r0 < 0 || nr < 0 || r0 + nr > q.rows())
-      detail::raise<shape_error>("quantized_traits<device_nf4_matrix>::", fn, ": rows [", r0, ", ", r0 + nr,
+      detail::raise<ShapeError>("quantized_traits<DeviceNF4Matrix>::", fn, ": rows [", r0, ", ", r0 + nr,
                                  ") are outside [0, ", q.rows(), ")");
   }
 };
 
-inline device_matrix<float> device_nf4_matrix::dequantize() const {
-  device_matrix<float> d(rows_, cols_);
-  quantized_traits<device_nf4_matrix>::assign(*this, 0, rows_, 1.0f, 0.0f, d);
+inline DeviceMatrix<float> DeviceNF4Matrix::dequantize() const {
+  DeviceMatrix<float> d(rows_, cols_);
+  quantized_traits<DeviceNF4Matrix>::assign(*this, 0, rows_, 1.0f, 0.0f, d);
   return d;
 }
 

@@ -1,6 +1,6 @@
 // backend/thrust/storage.hpp: device storage for the Thrust backend.
-//   device_matrix<T, Rows, Cols>   owning, row-major, thrust::device_vector inside
-//   device_matrix_view<T>          non-owning, over a raw device pointer with a row
+//   DeviceMatrix<T, Rows, Cols>   owning, row-major, thrust::device_vector inside
+//   DeviceMatrixView<T>          non-owning, over a raw device pointer with a row
 //                                  stride (the caller's buffers); T const = read-only
 // Both know their extents (static where given, like RowMatrix<T, Rows, Cols>),
 // and give plain pointers to the functors in kernels.hpp.
@@ -21,28 +21,28 @@
 
 namespace lora {
 
-struct thrust_backend;
+struct ThrustBackend;
 
 /// A row-major [rows, cols] window over device memory: element (i, j) lives at
 /// data()[i * stride() + j]. Does not own; T = const U gives a read-only view.
 /// Trivially copyable, so functors carry it into kernels by value.
 template <class T, int Rows = dynamic, int Cols = dynamic>
-class device_matrix_view {
+class DeviceMatrixView {
  public:
   using element_type = T;
   using scalar = std::remove_const_t<T>;
   static constexpr int rows_at_compile_time = Rows;
   static constexpr int cols_at_compile_time = Cols;
 
-  device_matrix_view() = default;
+  DeviceMatrixView() = default;
   /// A view of `rows` x `cols` elements at `data`, rows `stride` elements apart
   /// (stride = cols when negative: a contiguous matrix).
-  LORA_HOST_DEVICE device_matrix_view(T* data, index_t rows, index_t cols, index_t stride = -1)
+  LORA_HOST_DEVICE DeviceMatrixView(T* data, index_t rows, index_t cols, index_t stride = -1)
       : data_(data), rows_(rows), cols_(cols), stride_(stride < 0 ? cols : stride) {}
   /// Mutable views convert to read-only ones, and static extents to dynamic ones.
   template <class U, int R, int C>
     requires(std::is_convertible_v<U*, T*> && extents_agree(Rows, R) && extents_agree(Cols, C))
-  LORA_HOST_DEVICE device_matrix_view(const device_matrix_view<U, R, C>& o)  // NOLINT: implicit by design
+  LORA_HOST_DEVICE DeviceMatrixView(const DeviceMatrixView<U, R, C>& o)  // NOLINT: implicit by design
       : data_(o.data()), rows_(o.rows()), cols_(o.cols()), stride_(o.stride()) {}
 
   LORA_HOST_DEVICE T* data() const { return data_; }
@@ -61,23 +61,23 @@ class device_matrix_view {
 
 /// Read-only view.
 template <class T, int Rows = dynamic, int Cols = dynamic>
-using device_matrix_const_view = device_matrix_view<const T, Rows, Cols>;
+using DeviceMatrixConstView = DeviceMatrixView<const T, Rows, Cols>;
 
 /// An owning row-major matrix in the device system's memory (GPU memory on CUDA,
 /// host memory on OMP/CPP). Copying copies the data; moving does not.
 template <class T, int Rows = dynamic, int Cols = dynamic>
-class device_matrix {
+class DeviceMatrix {
  public:
   using scalar = T;
   static constexpr int rows_at_compile_time = Rows;
   static constexpr int cols_at_compile_time = Cols;
 
   /// Empty, or [Rows, Cols] (zero-filled) when both extents are static.
-  device_matrix() : storage_(static_cast<std::size_t>(static_size)) {}
+  DeviceMatrix() : storage_(static_cast<std::size_t>(static_size)) {}
   /// Zero-filled [rows, cols].
-  device_matrix(index_t rows, index_t cols) { resize(rows, cols); }
+  DeviceMatrix(index_t rows, index_t cols) { resize(rows, cols); }
   /// A vector [size] (Cols == 1), like Eigen's VectorX(size).
-  explicit device_matrix(index_t size)
+  explicit DeviceMatrix(index_t size)
     requires(Cols == 1)
   {
     resize(size, 1);
@@ -95,17 +95,17 @@ class device_matrix {
   /// New extents; keeps no values (the contents are unspecified, as Eigen's).
   void resize(index_t rows, index_t cols) {
     if ((Rows != dynamic && rows != Rows) || (Cols != dynamic && cols != Cols) || rows < 0 || cols < 0)
-      detail::raise<shape_error>("device_matrix::resize: [", rows, ", ", cols, "] requested for a matrix with ",
+      detail::raise<ShapeError>("DeviceMatrix::resize: [", rows, ", ", cols, "] requested for a matrix with ",
                                  "static extents [", Rows, ", ", Cols, "] (-1 = dynamic)");
     if (static_cast<std::size_t>(rows * cols) != storage_.size()) storage_.resize(static_cast<std::size_t>(rows * cols));
     rows_ = rows;
     cols_ = cols;
   }
 
-  device_matrix_view<T, Rows, Cols> view() { return {data(), rows_, cols_, cols_}; }
-  device_matrix_view<const T, Rows, Cols> view() const { return {data(), rows_, cols_, cols_}; }
-  operator device_matrix_view<T, Rows, Cols>() { return view(); }              // NOLINT: implicit by design
-  operator device_matrix_view<const T, Rows, Cols>() const { return view(); }  // NOLINT
+  DeviceMatrixView<T, Rows, Cols> view() { return {data(), rows_, cols_, cols_}; }
+  DeviceMatrixView<const T, Rows, Cols> view() const { return {data(), rows_, cols_, cols_}; }
+  operator DeviceMatrixView<T, Rows, Cols>() { return view(); }              // NOLINT: implicit by design
+  operator DeviceMatrixView<const T, Rows, Cols>() const { return view(); }  // NOLINT
 
  private:
   static constexpr index_t static_size = Rows != dynamic && Cols != dynamic ? index_t(Rows) * Cols : 0;
@@ -116,23 +116,23 @@ class device_matrix {
 
 /// A view of an owned matrix (or the view itself).
 template <class T, int R, int C>
-auto view(device_matrix<T, R, C>& m) {
+auto view(DeviceMatrix<T, R, C>& m) {
   return m.view();
 }
 template <class T, int R, int C>
-auto view(const device_matrix<T, R, C>& m) {
+auto view(const DeviceMatrix<T, R, C>& m) {
   return m.view();
 }
 template <class T, int R, int C>
-auto view(const device_matrix_view<T, R, C>& v) {
+auto view(const DeviceMatrixView<T, R, C>& v) {
   return v;
 }
 
 template <class T, int R, int C>
-struct matrix_traits<device_matrix<T, R, C>> {
+struct matrix_traits<DeviceMatrix<T, R, C>> {
   static constexpr bool known = true;
   using scalar = T;
-  using backend = thrust_backend;
+  using backend = ThrustBackend;
   static constexpr int rows = R;
   static constexpr int cols = C;
   static constexpr bool writable = true;
@@ -140,10 +140,10 @@ struct matrix_traits<device_matrix<T, R, C>> {
 };
 
 template <class T, int R, int C>
-struct matrix_traits<device_matrix_view<T, R, C>> {
+struct matrix_traits<DeviceMatrixView<T, R, C>> {
   static constexpr bool known = true;
   using scalar = std::remove_const_t<T>;
-  using backend = thrust_backend;
+  using backend = ThrustBackend;
   static constexpr int rows = R;
   static constexpr int cols = C;
   static constexpr bool writable = !std::is_const_v<T>;

@@ -2,8 +2,8 @@
 // (Thrust) storage. Nothing in the library copies across behind the caller's
 // back: forward on a device layer needs device inputs, and these are the calls
 // that make them.
-//   auto Wd = lora::to_device(W);          // RowMatrix<T> -> device_matrix<T>
-//   auto W2 = lora::to_host(Wd);           // device_matrix<T> -> RowMatrix<T>
+//   auto Wd = lora::to_device(W);          // RowMatrix<T> -> DeviceMatrix<T>
+//   auto W2 = lora::to_host(Wd);           // DeviceMatrix<T> -> RowMatrix<T>
 //   auto gpu = lora::to_device(layer);     // a whole AdaptedLinear / LowRankDelta
 #pragma once
 
@@ -22,32 +22,32 @@ namespace lora {
 template <class Derived>
 auto to_device(const Eigen::DenseBase<Derived>& host) {
   using T = typename Derived::Scalar;
-  device_matrix<T, Derived::RowsAtCompileTime, Derived::ColsAtCompileTime> d;
-  thrust_backend::from_host(host.derived(), d);
+  DeviceMatrix<T, Derived::RowsAtCompileTime, Derived::ColsAtCompileTime> d;
+  ThrustBackend::from_host(host.derived(), d);
   return d;
 }
 
 /// Device -> host copy; static extents carry over.
 template <class T, int R, int C>
-RowMatrix<T, R, C> to_host(const device_matrix<T, R, C>& d) {
-  return thrust_backend::to_host(d);
+RowMatrix<T, R, C> to_host(const DeviceMatrix<T, R, C>& d) {
+  return ThrustBackend::to_host(d);
 }
 template <class T, int R, int C>
-RowMatrix<std::remove_const_t<T>, R, C> to_host(const device_matrix_view<T, R, C>& d) {
-  return thrust_backend::to_host(d);
+RowMatrix<std::remove_const_t<T>, R, C> to_host(const DeviceMatrixView<T, R, C>& d) {
+  return ThrustBackend::to_host(d);
 }
 
 /// A LowRankDelta moved to the device (A, B and the scale options).
 template <class T, int Rank>
-LowRankDelta<T, Rank, thrust_backend> to_device(const LowRankDelta<T, Rank, eigen_backend>& d) {
+LowRankDelta<T, Rank, ThrustBackend> to_device(const LowRankDelta<T, Rank, EigenBackend>& d) {
   d.check_consistent("lora::to_device");
-  return LowRankDelta<T, Rank, thrust_backend>(to_device(d.B()), to_device(d.A()), d.options());
+  return LowRankDelta<T, Rank, ThrustBackend>(to_device(d.B()), to_device(d.A()), d.options());
 }
 /// A LowRankDelta moved back to the host.
 template <class T, int Rank>
-LowRankDelta<T, Rank, eigen_backend> to_host(const LowRankDelta<T, Rank, thrust_backend>& d) {
+LowRankDelta<T, Rank, EigenBackend> to_host(const LowRankDelta<T, Rank, ThrustBackend>& d) {
   d.check_consistent("lora::to_host");
-  return LowRankDelta<T, Rank, eigen_backend>(to_host(d.B()), to_host(d.A()), d.options());
+  return LowRankDelta<T, Rank, EigenBackend>(to_host(d.B()), to_host(d.A()), d.options());
 }
 
 namespace detail {
@@ -55,7 +55,7 @@ namespace detail {
 template <class Layer, class Move>
 auto move_layer(const char* where, const Layer& layer, Move move) {
   if (layer.merged())
-    raise<value_error>(where, ": the layer is merged; unmerge() it first (a merged W cannot be split back "
+    raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged W cannot be split back "
                               "into base and delta on the other side)");
   auto w = move(layer.base_weight());
   auto delta = move(layer.delta());
@@ -68,12 +68,12 @@ auto move_layer(const char* where, const Layer& layer, Move move) {
 /// An unmerged AdaptedLinear moved to the device: W (owned there, even when
 /// the host layer viewed the caller's buffer), bias and delta.
 template <class Base, class T, int Rank>
-auto to_device(const AdaptedLinear<Base, LowRankDelta<T, Rank, eigen_backend>>& layer) {
+auto to_device(const AdaptedLinear<Base, LowRankDelta<T, Rank, EigenBackend>>& layer) {
   return detail::move_layer("lora::to_device", layer, [](const auto& m) { return to_device(m); });
 }
 /// An unmerged device AdaptedLinear moved back to the host.
 template <class Base, class T, int Rank>
-auto to_host(const AdaptedLinear<Base, LowRankDelta<T, Rank, thrust_backend>>& layer) {
+auto to_host(const AdaptedLinear<Base, LowRankDelta<T, Rank, ThrustBackend>>& layer) {
   return detail::move_layer("lora::to_host", layer, [](const auto& m) { return to_host(m); });
 }
 
