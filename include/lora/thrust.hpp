@@ -22,5 +22,5 @@
 #include "backend/thrust/nf4.hpp"
 
 #if LORA_THRUST_ON_CUDA
-#include "backend/cuda/fused.hpp"
+#include "backend/thrust/cuda_hooks.hpp"
 #endif

@@ -1,4 +1,4 @@
-// quant/nf4_format.hpp: the NF4 format (DESIGN.md section 3, docs/nf4.md): the
+// quant/nf4_format.hpp: the NF4 format (docs/nf4.md, "Format"): the
 // 16 code values and their thresholds, encode / decode of one value, the
 // 8-bit map's scale decode, block sizes and bits per parameter, and the
 // (AVX-512 where available) decoder of a run of packed codes. No matrix type,
@@ -57,7 +57,7 @@
 #endif
 
 
-// The 16 NF4 values (DESIGN.md s3), as one list so the host array and the
+// The 16 NF4 values (docs/nf4.md, "Format"), as one list so the host array and the
 // device-callable lookup cannot drift apart.
 #define LORA_NF4_CODE_VALUES                                                          \
   -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,           \
@@ -149,6 +149,28 @@ constexpr double nominal_bits_per_parameter(index_t block_size, bool double_quan
   const double b = static_cast<double>(block_size);
   return double_quant ? 4.0 + 8.0 / b + 32.0 / (b * double(scale_group_size)) : 4.0 + 32.0 / b;
 }
+
+/// What a device kernel reads of an NF4 weight: pointers into the device's
+/// copy of the layout above and the extents, trivially copyable (the Thrust
+/// functors and the CUDA kernel take it by value). Scales are decoded per
+/// block exactly as NF4Matrix::block_scale does.
+struct PackedView {
+  const std::uint8_t* packed = nullptr;  // ceil(rows * cols / 2) bytes, even element in the high nibble
+  const float* absmax = nullptr;         // plain scales (null when double-quantised)
+  const std::uint8_t* q8 = nullptr;      // double quantisation: 8-bit scale codes
+  const float* absmax2 = nullptr;        // one per 256 blocks
+  const float* map8 = nullptr;           // 256 entries
+  float offset = 0.0f;
+  index_t rows = 0, cols = 0;
+  int shift = 6;  // log2(block_size): block sizes are powers of two
+  bool double_quant = false;
+
+  LORA_HOST_DEVICE float scale(index_t b) const {
+    return double_quant ? decode_scale(q8[b], map8, absmax2[b / scale_group_size], offset) : absmax[b];
+  }
+  /// Dequantised flat element f (row-major).
+  LORA_HOST_DEVICE float at(index_t f) const { return decode(nibble(packed, f), scale(f >> shift)); }
+};
 
 }  // namespace nf4
 

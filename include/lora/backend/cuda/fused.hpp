@@ -8,6 +8,9 @@
 // through an [n, r] workspace, where the redundant per-block shrink of the
 // fused kernel would cost more than the extra launch.
 // fp32, fp64, fp16 and bf16 storage; fp32 accumulation for 16-bit types.
+// Like everything in cuda/, it takes raw device pointers or any row-major view
+// with data(), rows(), cols() and stride(), never the Thrust backend's types;
+// backend/thrust/cuda_hooks.hpp plugs it into ThrustBackend's low-rank hook.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -17,13 +20,15 @@
 #include <cuda_runtime.h>
 
 #include "../../config.hpp"
+#include "../../detail/arith.hpp"
 #include "../../error.hpp"
+#include "../../rank.hpp"
 #include "blas.hpp"
 #include "runtime.hpp"
 
 namespace lora::cuda {
 
-using lora::kernels::accum_t;
+using lora::detail::accum_t;
 
 namespace device_kernels {
 
@@ -133,9 +138,10 @@ struct FusedAdapter {
     return Rank != dynamic && rank == Rank && Rank <= max_rank && n <= max_tokens;
   }
 
-  /// Y (n, out) += alpha (X A^T) B^T on the current stream.
-  static void run(accum_t<T> alpha, DeviceMatrixView<const T> x, DeviceMatrixView<const T> a,
-                  DeviceMatrixView<const T> b, DeviceMatrixView<T> y) {
+  /// Y (n, out) += alpha (X A^T) B^T on the current stream (row-major device
+  /// views of T: X [n, in], A [r, in], B [out, r], Y [n, out]).
+  template <class X, class A, class B, class Y>
+  static void run(accum_t<T> alpha, const X& x, const A& a, const B& b, const Y& y) {
     if constexpr (Rank != dynamic) {
       if (x.rows() == 0 || y.cols() == 0) return;
       const dim3 grid(static_cast<unsigned>((y.cols() + threads - 1) / threads),
@@ -160,15 +166,6 @@ void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
 }
 }  // namespace adapter_detail
 
-/// Y (n, out) += s (X A^T) B^T, the adapter term of the unmerged forward.
-/// Static Rank (or a runtime rank of 8, 16, 32 or 64: the common LoRA ranks,
-/// each one more kernel to compile): the fused kernel
-/// when it can take n; otherwise shrink and expand through cuBLAS with the
-/// [n, r] intermediate in `ws` (slot 0), in T.
-/// The fused kernel alone, where it is preferred (fused_adapter_preferred_v)
-/// and takes the shape: Rank static (or a runtime rank of 8 or 16) <=
-/// FusedAdapter::max_rank and n <= FusedAdapter::max_tokens. Returns false
-/// (nothing done) otherwise.
 /// Where the fused kernel is the faster way (measured on an H200, n = 1, r = 8,
 /// adapter term alone: bf16 4096^2 fused 6.2 us against ~20 us for the two
 /// cuBLAS products; fp32 fused 12.6 us (4096^2) and 22 us (8192^2) against
@@ -178,9 +175,12 @@ void check_adapter(const X& x, const A& a, const B& b, const Y& y) {
 template <class T>
 inline constexpr bool fused_adapter_preferred_v = !std::is_same_v<T, float> && !std::is_same_v<T, double>;
 
-template <int Rank = dynamic, class T>
-bool try_fused_adapter(accum_t<T> s, DeviceMatrixView<const T> x, DeviceMatrixView<const T> a,
-                       DeviceMatrixView<const T> b, DeviceMatrixView<T> y) {
+/// The fused kernel alone, where it is preferred (fused_adapter_preferred_v)
+/// and takes the shape: Rank static (or a runtime rank of 8 or 16) <=
+/// FusedAdapter::max_rank and n <= FusedAdapter::max_tokens. Returns false
+/// (nothing done) otherwise.
+template <int Rank = dynamic, class T, class X, class A, class B, class Y>
+bool try_fused_adapter(accum_t<T> s, const X& x, const A& a, const B& b, const Y& y) {
   const index_t n = x.rows(), r = a.rows();
   if constexpr (!fused_adapter_preferred_v<T>) {
     return false;
@@ -200,10 +200,11 @@ bool try_fused_adapter(accum_t<T> s, DeviceMatrixView<const T> x, DeviceMatrixVi
   }
 }
 
-template <int Rank = dynamic, class T>
-void adapter_forward(accum_t<T> s, DeviceMatrixView<const T> x, DeviceMatrixView<const T> a,
-                     DeviceMatrixView<const T> b, DeviceMatrixView<T> y,
-                     typename ThrustBackend::template workspace<T>& ws) {
+/// Y (n, out) += s (X A^T) B^T, the adapter term of the unmerged forward: the
+/// fused kernel where try_fused_adapter takes it, otherwise shrink and expand
+/// through cuBLAS with the [n, r] intermediate in ws.matrix(n, r), in T.
+template <int Rank = dynamic, class T, class X, class A, class B, class Y, class WS>
+void adapter_forward(accum_t<T> s, const X& x, const A& a, const B& b, const Y& y, WS& ws) {
   adapter_detail::check_adapter(x, a, b, y);
   const index_t n = x.rows(), r = a.rows();
   if (try_fused_adapter<Rank, T>(s, x, a, b, y)) return;
@@ -215,19 +216,3 @@ void adapter_forward(accum_t<T> s, DeviceMatrixView<const T> x, DeviceMatrixView
 }
 
 }  // namespace lora::cuda
-
-namespace lora {
-/// ThrustBackend's optional hooks on CUDA (backend/traits.hpp): the
-/// evaluator of s B A runs the fused kernel here, so layer.forward on a CUDA
-/// device takes it with no second API.
-template <>
-struct backend_hooks<ThrustBackend> {
-  static constexpr bool low_rank = true;
-  template <int Rank, class T, class X, class A, class B, class Y, class WS>
-  static bool low_rank_apply(T alpha, const X& x, const A& a, const B& b, Y& y, WS&) {
-    using S = scalar_of_t<Y>;
-    return cuda::try_fused_adapter<Rank, S>(static_cast<cuda::accum_t<S>>(alpha), view(x), view(a), view(b),
-                                            view(y));
-  }
-};
-}  // namespace lora

@@ -1,7 +1,9 @@
 // backend/cuda/nf4.hpp: the CUDA kernel for Y = X W^T over an NF4 weight with
-// few tokens (decode, n <= 16), nvcc only. Included by backend/thrust/nf4.hpp,
-// whose quantized_traits<DeviceNF4Matrix>::gemm_nt calls it; larger n takes
-// the generic Thrust functor.
+// few tokens (decode, n <= 16), nvcc only. Like everything in cuda/, it knows
+// raw device pointers (an nf4::PackedView) and strided views by their data(),
+// rows(), cols() and stride(), not the Thrust backend's types;
+// backend/thrust/nf4.hpp's quantized_traits<DeviceNF4Matrix>::gemm_nt calls it
+// and larger n takes the generic Thrust functor.
 //
 // With few tokens the product is bound by reading W's codes, so the kernel
 // reads them coalesced: one warp per output row, lanes on consecutive packed
@@ -14,16 +16,14 @@
 #if !defined(__CUDACC__)
 #error "lora/backend/cuda/nf4.hpp is compiled by nvcc only."
 #endif
-#ifndef LORA_THRUST_UMBRELLA_INCLUDED
-#error "Include <lora/thrust.hpp> instead of lora/backend/cuda/nf4.hpp."
-#endif
-
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "../../config.hpp"
+#include "../../detail/arith.hpp"
 #include "../../error.hpp"
+#include "../../quant/nf4_format.hpp"
 #include "runtime.hpp"
 
 namespace lora::cuda {
@@ -53,7 +53,7 @@ __device__ __forceinline__ void nf4_accumulate_byte(unsigned byte, index_t e, in
 /// `static` for the reason given at lora::cuda::device_kernels::fused_adapter.
 template <int NT, int WARPS>
 static __global__ void __launch_bounds__(WARPS * 32)
-    nf4_small_gemm_nt(kernels::nf4_view w, index_t r0, index_t nr, const float* __restrict__ x, index_t ldx, int n,
+    nf4_small_gemm_nt(nf4::PackedView w, index_t r0, index_t nr, const float* __restrict__ x, index_t ldx, int n,
                       float* __restrict__ y, index_t ldy, float alpha, float beta) {
   __shared__ float lut[nf4::num_codes];
   if (threadIdx.x < nf4::num_codes) lut[threadIdx.x] = nf4::code_value(threadIdx.x);
@@ -94,7 +94,7 @@ static __global__ void __launch_bounds__(WARPS * 32)
   if (lane == 0) {
 #pragma unroll
     for (int t = 0; t < NT; ++t)
-      if (t < n) kernels::store(y[t * ldy + j], alpha * acc[t], beta);
+      if (t < n) lora::detail::store(y[t * ldy + j], alpha * acc[t], beta);
   }
 }
 
@@ -110,9 +110,11 @@ struct NF4SmallGemmNT {
 
   static bool can_implement(index_t n, index_t nr) { return n >= 1 && n <= max_tokens && nr >= 1; }
 
-  /// Y (n, nr) = beta Y + alpha X W[r0 : r0 + nr]^T.
-  static void run(const kernels::nf4_view& w, index_t r0, index_t nr, float alpha, DeviceMatrixView<const float> x,
-                  float beta, DeviceMatrixView<float> y) {
+  /// Y (n, nr) = beta Y + alpha X W[r0 : r0 + nr]^T; X and Y are row-major
+  /// float device views (data(), rows(), stride()).
+  template <class X, class Y>
+  static void run(const nf4::PackedView& w, index_t r0, index_t nr, float alpha, const X& x, float beta,
+                  const Y& y) {
     const index_t n = x.rows();
     if (n <= 1) return launch<1>(w, r0, nr, alpha, x, beta, y);
     if (n <= 2) return launch<2>(w, r0, nr, alpha, x, beta, y);
@@ -123,9 +125,9 @@ struct NF4SmallGemmNT {
   }
 
  private:
-  template <int NT>
-  static void launch(const kernels::nf4_view& w, index_t r0, index_t nr, float alpha,
-                     DeviceMatrixView<const float> x, float beta, DeviceMatrixView<float> y) {
+  template <int NT, class X, class Y>
+  static void launch(const nf4::PackedView& w, index_t r0, index_t nr, float alpha, const X& x, float beta,
+                     const Y& y) {
     const unsigned blocks = static_cast<unsigned>((nr + warps_per_block - 1) / warps_per_block);
     device_kernels::nf4_small_gemm_nt<NT, warps_per_block><<<blocks, warps_per_block * 32, 0, current_stream()>>>(
         w, r0, nr, x.data(), x.stride(), static_cast<int>(x.rows()), y.data(), y.stride(), alpha, beta);

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "../../config.hpp"
+#include "../../detail/arith.hpp"
 #include "../../detail/random.hpp"
 #include "storage.hpp"
 
@@ -28,17 +29,9 @@
 
 namespace lora::kernels {
 
-/// Accumulation type: fp32 for fp32 and for 16-bit storage, fp64 for fp64.
-template <class T>
-struct accumulator {
-  using type = float;
-};
-template <>
-struct accumulator<double> {
-  using type = double;
-};
-template <class T>
-using accum_t = typename accumulator<std::remove_const_t<T>>::type;
+// The accumulation type and the BLAS store rule, shared with the CUDA kernels.
+using detail::accum_t;
+using detail::store;
 
 /// Finite test that also works for 16-bit types (through the accumulator) and
 /// needs no <cmath> in device code: v - v is 0 for finite v, NaN otherwise.
@@ -46,13 +39,6 @@ template <class T>
 LORA_HOST_DEVICE inline bool is_finite(T x) {
   const accum_t<T> v = static_cast<accum_t<T>>(x);
   return v - v == accum_t<T>(0);
-}
-
-/// BLAS store: beta == 0 overwrites without reading (a NaN already in the
-/// destination must not leak), otherwise d = beta d + v.
-template <class T, class A>
-LORA_HOST_DEVICE inline void store(T& d, A v, A beta) {
-  d = beta == A(0) ? static_cast<T>(v) : static_cast<T>(beta * static_cast<A>(d) + v);
 }
 
 /// A read-only operand op(M) of a product: element (i, j) = p[i * si + j * sj].

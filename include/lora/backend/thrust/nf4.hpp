@@ -45,32 +45,12 @@ namespace lora {
 
 namespace kernels {
 
-/// What an NF4 kernel reads: device pointers and extents, trivially copyable.
-/// Scales are decoded per block exactly as NF4Matrix::block_scale does.
-struct nf4_view {
-  const std::uint8_t* packed = nullptr;  // ceil(rows * cols / 2) bytes, even element in the high nibble
-  const float* absmax = nullptr;         // plain scales (null when double-quantised)
-  const std::uint8_t* q8 = nullptr;      // double quantisation: 8-bit scale codes
-  const float* absmax2 = nullptr;        // one per 256 blocks
-  const float* map8 = nullptr;           // 256 entries
-  float offset = 0.0f;
-  index_t rows = 0, cols = 0;
-  int shift = 6;  // log2(block_size): block sizes are powers of two
-  bool double_quant = false;
-
-  LORA_HOST_DEVICE float scale(index_t b) const {
-    return double_quant ? nf4::decode_scale(q8[b], map8, absmax2[b / nf4::scale_group_size], offset) : absmax[b];
-  }
-  /// Dequantised flat element f (row-major).
-  LORA_HOST_DEVICE float at(index_t f) const { return nf4::decode(nf4::nibble(packed, f), scale(f >> shift)); }
-};
-
 /// Y (n, nr) = beta Y + alpha X W[r0 : r0 + nr]^T. Index = one row j of the
 /// slice and a tile of TT tokens: the row is decoded once per tile, block by
 /// block (one scale per block), in flat order.
 template <int TT>
 struct nf4_gemm_nt {
-  nf4_view w;
+  nf4::PackedView w;
   DeviceMatrixView<const float> x;  // (n, in)
   DeviceMatrixView<float> y;        // (n, nr)
   index_t r0, token_tiles;
@@ -112,7 +92,7 @@ struct nf4_gemm_nt {
 /// neighbouring codes); the column is decoded once per tile, rows in order.
 template <int TT>
 struct nf4_gemm_nn {
-  nf4_view w;
+  nf4::PackedView w;
   DeviceMatrixView<const float> g;  // (n, nr)
   DeviceMatrixView<float> dx;       // (n, in)
   index_t r0;
@@ -144,7 +124,7 @@ struct nf4_gemm_nn {
 
 /// D (nr, in) = beta D + alpha W[r0 : r0 + nr], one element per index.
 struct nf4_assign {
-  nf4_view w;
+  nf4::PackedView w;
   DeviceMatrixView<float> d;
   index_t r0;
   float alpha, beta;
@@ -209,8 +189,8 @@ class DeviceNF4Matrix {
   const thrust::device_vector<float>& map8() const { return map8_; }
 
   /// What the kernels carry.
-  kernels::nf4_view device_view() const {
-    kernels::nf4_view v;
+  nf4::PackedView device_view() const {
+    nf4::PackedView v;
     v.packed = thrust::raw_pointer_cast(packed_.data());
     v.absmax = double_quant_ ? nullptr : thrust::raw_pointer_cast(absmax_.data());
     v.q8 = double_quant_ ? thrust::raw_pointer_cast(q8_.data()) : nullptr;
