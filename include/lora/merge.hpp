@@ -95,12 +95,19 @@ NF4MergeResult merge_to_nf4(const AdaptedLinear<NF4Matrix, Delta>& layer, std::o
 /// rounded once to the storage type, with the rounding error reported (as
 /// merge_to_nf4 does for NF4). Throws NumericError when W + s B A is not
 /// finite, or not finite once rounded (beyond the 16-bit range); nothing is
-/// returned then.
+/// returned then. A device layer's (Thrust backend) merged weight is copied to
+/// the host and the result is a host matrix (lora::to_device uploads it).
 template <class Base, class Delta>
   requires is_half_storage_v<typename quantized_traits_t<Base>::storage>
 auto merge_rounded(const AdaptedLinear<Base, Delta>& layer) {
   using S = typename quantized_traits_t<Base>::storage;
-  const RowMatrix<float> exact = merged_weight(layer);
+  using B = typename AdaptedLinear<Base, Delta>::backend;
+  const RowMatrix<float> exact = [&] {
+    if constexpr (std::is_same_v<B, EigenBackend>)
+      return merged_weight(layer);
+    else
+      return B::to_host(merged_weight(layer));
+  }();
   RoundedMergeResult<S> r;
   r.weight = exact.template cast<S>();
   detail::measure_merge_error(r, exact, [&](index_t i, float* out) {

@@ -2,8 +2,9 @@
 // CPU threads through Thrust's OMP / CPP device systems).
 //   #include <lora/thrust.hpp>
 // brings everything of <lora/lora.hpp> plus ThrustBackend, DeviceMatrix and
-// its views, the to_device / to_host transfers, and DeviceNF4Matrix (QLoRA's
-// NF4 base on the device). Compiled by nvcc with the
+// its views, the to_device / to_host transfers, DeviceNF4Matrix (QLoRA's
+// NF4 base on the device) and 16-bit bases (DeviceMatrix<Eigen::bfloat16> /
+// <Eigen::half> under float adapters). Compiled by nvcc with the
 // CUDA system it also brings lora::cuda (cuBLAS, the fused LoRA kernel,
 // streams). Choose the system with THRUST_DEVICE_SYSTEM (CMake:
 // LORA_THRUST_DEVICE_SYSTEM and the lora::thrust target); see docs/gpu.md.
@@ -20,6 +21,7 @@
 #include "backend/thrust/backend.hpp"
 #include "backend/thrust/transfer.hpp"
 #include "backend/thrust/nf4.hpp"
+#include "backend/thrust/half.hpp"
 
 #if LORA_THRUST_ON_CUDA
 #include "backend/thrust/cuda_hooks.hpp"

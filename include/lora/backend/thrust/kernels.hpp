@@ -56,12 +56,16 @@ struct operand {
 /// tile of 1 x TJ outputs of a row: op(A)(i, p) is loaded once per p and used
 /// TJ times. K is the inner extent when static (the rank in LoRA's expand and
 /// merge products), so the p-loop unrolls; the shrink has K = in (dynamic).
-template <class T, int K, int TJ = 4>
+/// TB and TC default to T; a 16-bit base under fp32 compute (backend/thrust/
+/// half.hpp) sets TB = Eigen::bfloat16 / half and TC = float: B is widened as
+/// it is read and the sums stay in accum_t<TC>. With one type the casts are
+/// no-ops, so those results are unchanged.
+template <class T, int K, int TJ = 4, class TB = T, class TC = T>
 struct gemm {
-  using A = accum_t<T>;
-  operand<T> a;  // (m, k)
-  operand<T> b;  // (k, n)
-  T* c;          // (m, n), rows ldc apart
+  using A = accum_t<TC>;
+  operand<T> a;   // (m, k)
+  operand<TB> b;  // (k, n)
+  TC* c;          // (m, n), rows ldc apart
   index_t ldc, n, k, tiles_per_row;
   A alpha, beta;
 
@@ -81,9 +85,9 @@ struct gemm {
     const index_t kk = K == dynamic ? k : K;
     LORA_UNROLL
     for (index_t p = 0; p < kk; ++p) {
-      const A av = a(i, p);
+      const A av = static_cast<A>(a(i, p));
       LORA_UNROLL
-      for (int t = 0; t < W; ++t) acc[t] += av * b(p, j0 + t);
+      for (int t = 0; t < W; ++t) acc[t] += av * static_cast<A>(b(p, j0 + t));
     }
     LORA_UNROLL
     for (int t = 0; t < W; ++t) store(c[i * ldc + j0 + t], alpha * acc[t], beta);
@@ -92,17 +96,19 @@ struct gemm {
     for (index_t j = j0; j < n; ++j) {
       A acc = 0;
       const index_t kk = K == dynamic ? k : K;
-      for (index_t p = 0; p < kk; ++p) acc += a(i, p) * b(p, j);
+      for (index_t p = 0; p < kk; ++p) acc += static_cast<A>(a(i, p)) * static_cast<A>(b(p, j));
       store(c[i * ldc + j], alpha * acc, beta);
     }
   }
 };
 
 /// Y = beta Y + alpha X, elementwise over (rows, cols); X may be Y itself.
-template <class T>
+/// TX (default T) lets X have another element type, read through accum_t<T>
+/// (a 16-bit base widened into an fp32 destination).
+template <class T, class TX = T>
 struct axpby {
   using A = accum_t<T>;
-  DeviceMatrixView<const T> x;
+  DeviceMatrixView<const TX> x;
   DeviceMatrixView<T> y;
   A alpha, beta;
   LORA_HOST_DEVICE void operator()(index_t idx) const {
