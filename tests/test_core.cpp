@@ -514,3 +514,49 @@ TEMPLATE_TEST_CASE("BackendOps: the fallbacks of optional pieces equal the Eigen
   CHECK(minimal::first_non_finite(a) == 3 * out + 2);
   CHECK(full::first_non_finite(a) == 3 * out + 2);
 }
+
+TEST_CASE("the public expression verbs check shapes and refuse outputs that alias a product's operands",
+          "[expr][errors]") {
+  using M = lora::RowMatrix<float>;
+  const index_t out = 6, in = 5, n = 3;
+  lora::AdaptedLinear layer{M(M::Random(out, in)), lora::LowRankDelta<float, 2>{out, in, {.alpha = 2}}};
+  layer.delta().init(lora::init::UniformBoth{}, 3);
+  const auto e = layer.unmerged_expression();
+  lora::EigenBackend::workspace<float> ws;
+  M X = M::Random(n, in), Y(n, out), G = M::Random(n, out), dX(n, in);
+  // The verbs against a dense reference, so the checks do not break them.
+  lora::expr::apply(e, X, Y, 1.0f, 0.0f, ws);
+  const M dense = layer.base_weight() + layer.delta().scale() * layer.delta().B() * layer.delta().A();
+  CHECK((Y - X * dense.transpose()).cwiseAbs().maxCoeff() < 1e-5f);
+
+  M wrong_y(n, out + 1), wrong_x(n, in + 2), wrong_dx(n + 1, in);
+  CHECK_THROWS_WITH(lora::expr::apply(e, X, wrong_y, 1.0f, 0.0f, ws),
+                    Catch::Contains("lora::expr::apply: the expression is [6, 5]"));
+  CHECK_THROWS_AS(lora::expr::apply(e, wrong_x, Y, 1.0f, 0.0f, ws), lora::ShapeError);
+  CHECK_THROWS_AS(lora::expr::apply_transposed(e, G, wrong_dx, 1.0f, 0.0f, ws), lora::ShapeError);
+  M wrong_dst(out, in + 1);
+  CHECK_THROWS_WITH(lora::expr::assign(wrong_dst, e), Catch::Contains("the destination is [6, 6]"));
+
+  // Aliasing: an output over the input, or over a factor the product reads.
+  M buf = M::Random(n, out + in);
+  CHECK_THROWS_WITH(lora::expr::apply(e, buf.leftCols(in), buf.rightCols(out), 1.0f, 0.0f, ws),
+                    Catch::Contains("shares memory"));
+  M big = M::Random(out, in + 2);  // B in its first 2 columns, the destination in the rest
+  CHECK_THROWS_WITH(lora::expr::assign(big.rightCols(in), lora::expr::product(big.leftCols(2), layer.delta().A())),
+                    Catch::Contains("shares memory with a factor"));
+  // W itself may be the destination of an assign (merge is W += s B A).
+  M W = layer.base_weight();
+  const M expected = W + 0.5f * layer.delta().B() * layer.delta().A();
+  lora::expr::assign(W, lora::expr::leaf(W) + 0.5f * lora::expr::product(layer.delta().B(), layer.delta().A()), 1.0f,
+                     0.0f);
+  CHECK((W - expected).cwiseAbs().maxCoeff() < 1e-5f);
+
+  // A workspace asked for more elements than index_t holds refuses instead of wrapping.
+  CHECK_THROWS_WITH(ws.matrix(index_t(1) << 40, index_t(1) << 40), Catch::Contains("overflows"));
+
+  // nf4 products: y over x.
+  std::vector<float> w(2 * 64, 0.25f), v(128, 1.0f);
+  const lora::NF4Matrix q = lora::NF4Matrix::quantize(w.data(), 2, 64);
+  CHECK_THROWS_WITH(lora::nf4_gemv(q, std::span<const float>(v.data(), 64), std::span<float>(v.data() + 63, 2)),
+                    Catch::Contains("x and y share memory"));
+}

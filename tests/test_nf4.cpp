@@ -1,4 +1,4 @@
-// test_nf4.cpp: NF4 format (DESIGN.md s3), double quantisation, the signed
+// test_nf4.cpp: NF4 format (docs/nf4.md), double quantisation, the signed
 // dynamic map, bitsandbytes fixtures, and the fused gemv / gemm kernels.
 // Needs LORA_TEST_DATA_DIR (the repo's data/) and LORA_TEST_FIXTURE_DIR
 // (tests/fixtures) as string macros.
@@ -101,7 +101,7 @@ void check_product(const Dense& Wd, const Dense& X, const Dense& Y0, const Dense
 
 }  // namespace
 
-TEST_CASE("nf4: code values and thresholds are DESIGN.md s3 bit for bit", "[nf4]") {
+TEST_CASE("nf4: code values and thresholds are docs/nf4.md's bit for bit", "[nf4]") {
   const std::uint32_t code_bits[16] = {0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f,
                                        0xbdba7871, 0x00000000, 0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a,
                                        0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000};
@@ -391,7 +391,7 @@ TEST_CASE("nf4: bad input throws typed errors that name the values", "[nf4][erro
   CHECK_THROWS_WITH(lora::nf4_gemm(q, X48, Y3), Catch::Contains("nf4_gemm: Y is 3 x 2, expected 4 x 2"));
   std::vector<float> out(200);
   CHECK_THROWS_AS(q.dequantize_rows(1, 2, out.data()), lora::ShapeError);
-  CHECK_THROWS_WITH(q.dequantize_rows(1, 2, out.data()), Catch::Contains("rows [1, 3) are outside [0, 2)"));
+  CHECK_THROWS_WITH(q.dequantize_rows(1, 2, out.data()), Catch::Contains("2 rows from row 1 are outside [0, 2)"));
 
   const std::vector<std::uint8_t> packed(48);
   const std::vector<float> absmax(3);
@@ -527,7 +527,7 @@ TEST_CASE("nf4: bytes match bitsandbytes' reference backend (tests/fixtures/nf4)
       for (std::size_t b = 0; b < absmax.size(); ++b) {
         INFO("block " << b);
         // Documented divergence: bitsandbytes stores max(absmax, 1e-38) for an
-        // all-zero *partial* last block; DESIGN.md s3 stores 0 (both dequantise to 0).
+        // all-zero *partial* last block; we store 0 (both dequantise to 0).
         if (name == "zero_tail" && b + 1 == absmax.size()) {
           CHECK(q.absmax()[b] == 0.0f);
           CHECK(absmax[b] == 1e-38f);
@@ -552,4 +552,71 @@ TEST_CASE("nf4: bytes match bitsandbytes' reference backend (tests/fixtures/nf4)
   // torch's fp32 cascade sum rounds differently from our double sum in 2 of
   // the 4 double-quant fixtures (by one ulp, checked above).
   CHECK(exact_offsets == 2);
+}
+
+TEST_CASE("NF4: non-finite or negative scales and offsets are refused, naming the field", "[nf4][errors]") {
+  constexpr float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<std::uint8_t> packed(48);
+  for (const float bad : {nan, inf, -1.0f}) {
+    CAPTURE(bad);
+    const std::vector<float> absmax = {1.0f, bad, 2.0f};
+    CHECK_THROWS_AS(NF4Matrix::from_parts(2, 48, 32, packed, absmax), lora::ValueError);
+    CHECK_THROWS_WITH(NF4Matrix::from_parts(2, 48, 32, packed, absmax), Catch::Contains("absmax[1] = "));
+  }
+  const std::vector<std::uint8_t> q8(3, 200);
+  const std::vector<float> absmax2 = {0.5f};
+  CHECK_NOTHROW(NF4Matrix::from_parts(2, 48, 32, packed, q8, absmax2, 0.25f));
+  for (const float bad : {nan, inf, -inf}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH(NF4Matrix::from_parts(2, 48, 32, packed, q8, absmax2, bad),
+                      Catch::Contains("offset = ") && Catch::Contains("not finite"));
+    CHECK_THROWS_WITH(NF4Matrix::from_parts(2, 48, 32, packed, q8, std::vector<float>{bad}, 0.25f),
+                      Catch::Contains("absmax2[0] = "));
+  }
+  // Finite parts whose float reconstruction map8[q] * absmax2 + offset overflows.
+  const float big = std::numeric_limits<float>::max();
+  CHECK_THROWS_WITH(NF4Matrix::from_parts(2, 48, 32, packed, q8, std::vector<float>{big}, big),
+                    Catch::Contains("beyond the float range"));
+  const NF4Matrix ok = NF4Matrix::from_parts(2, 48, 32, packed, q8, std::vector<float>{big / 4}, big / 4);
+  const Dense w = ok.dequantize();
+  CHECK(w.allFinite());
+}
+
+TEST_CASE("NF4: quantising blocks near the float limit keeps every scale finite", "[nf4][errors]") {
+  // 2 x 4096 values at +-3e38: the float sum of 128 block maxima overflows; the
+  // offset (their mean) must not become Inf.
+  Dense x(2, 4096);
+  for (index_t i = 0; i < x.size(); ++i) x.data()[i] = (i % 3 == 0 ? -3e38f : 3e38f) * (0.5f + 0.5f * float(i % 7) / 6);
+  const NF4Matrix q = NF4Matrix::quantize(x.data(), 2, 4096, {.double_quant = true});
+  CHECK(std::isfinite(q.absmax_offset()));
+  const Dense w = q.dequantize();
+  REQUIRE(w.allFinite());
+  // Every element within one NF4 step of its block's scale (the quantiser's own
+  // error bound is about half a code gap of the block absmax, here <= 3e38).
+  CHECK(((w - x).cwiseAbs().maxCoeff()) <= 0.25 * 3e38);
+  CHECK_THROWS_WITH(NF4Matrix::quantize(x.data(), 2, 4096, {.double_quant = true, .absmax_offset = -3e38f}),
+                    Catch::Contains("overflows float"));
+  CHECK_THROWS_WITH(NF4Matrix::quantize(x.data(), 2, 4096, {.double_quant = true, .absmax_offset = std::numeric_limits<float>::quiet_NaN()}),
+                    Catch::Contains("absmax_offset = "));
+}
+
+TEST_CASE("NF4: sizes and ranges that overflow index_t are refused, not wrapped", "[nf4][errors]") {
+  const index_t huge = index_t(1) << 32;  // 2^32 x 2^32 wraps a 64-bit signed size
+  const std::vector<std::uint8_t> none;
+  const std::vector<float> no_scales;
+  CHECK_THROWS_AS(NF4Matrix::from_parts(huge, huge, 64, none, no_scales), lora::ShapeError);
+  CHECK_THROWS_WITH(NF4Matrix::from_parts(huge, huge, 64, none, no_scales),
+                    Catch::Contains("4294967296 * 4294967296 overflows"));
+  const float x = 1.0f;
+  CHECK_THROWS_AS(NF4Matrix::quantize(&x, huge, huge), lora::ShapeError);
+  const index_t max = std::numeric_limits<index_t>::max();
+  CHECK_THROWS_AS(NF4Matrix::quantize(&x, 1, max), lora::ShapeError);  // n + block size would wrap
+
+  std::vector<float> w(2 * 64, 0.5f), out(64);
+  const NF4Matrix q = NF4Matrix::quantize(w.data(), 2, 64);
+  // first + count wraps to a negative number that passed the old check.
+  CHECK_THROWS_WITH(q.dequantize_range(10, max - 5, out.data()), Catch::Contains("are outside [0, 128)"));
+  CHECK_THROWS_AS(q.dequantize_rows(1, max, out.data()), lora::ShapeError);
+  q.dequantize_range(64, 64, out.data());
+  CHECK(out[63] == q.coeff(1, 63));
 }

@@ -291,7 +291,8 @@ TEST_CASE("qlora merge: dense merged weight is exact; requantised with an error 
     CHECK(m.weight.block_size() == 128);
     CHECK_FALSE(m.weight.double_quantized());
     layer.delta().B()(3, 1) = std::numeric_limits<float>::infinity();
-    CHECK_THROWS_AS(lora::merge_to_nf4(layer), lora::ValueError);
+    CHECK_THROWS_AS(lora::merge_to_nf4(layer), lora::NumericError);  // like safe_merge and merge_rounded
+    CHECK_THROWS_WITH(lora::merge_to_nf4(layer), Catch::Contains("lora::merge_to_nf4: W + s*B*A is inf at row 3"));
   }
 }
 

@@ -156,7 +156,7 @@ class AdaptedLinear {
     static_assert(std::is_same_v<scalar_of_t<X>, scalar>,
                   "lora::AdaptedLinear::forward: X has a different scalar type than the layer; cast it "
                   "with .template cast<T>() first");
-    delta_.check_consistent(where);
+    check_consistent(where);
     if (x.cols() != in_features())
       detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ",
                                  in_features());
@@ -167,6 +167,21 @@ class AdaptedLinear {
       detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
   }
 
+  /// Throws lora::ShapeError when a tensor reachable through a writable
+  /// accessor (delta().A(), delta().B(), bias()) no longer has the layer's
+  /// shape. Every entry point that reads them calls this first, so a resized
+  /// factor is an error, never a read past the end of a buffer.
+  void check_consistent(const char* where) const {
+    delta_.check_consistent(where);
+    if (delta_.out_features() != out_features() || delta_.in_features() != in_features())
+      detail::raise<ShapeError>(where, ": the base weight is [out, in] = [", out_features(), ", ", in_features(),
+                                 "] but the delta is now [", delta_.out_features(), ", ", delta_.in_features(),
+                                 "]; a factor was resized");
+    if (has_bias() && (bias_.rows() != out_features() || bias_.cols() != 1))
+      detail::raise<ShapeError>(where, ": the bias is now [", bias_.rows(), ", ", bias_.cols(),
+                                 "], expected a vector of out_features = ", out_features(), " entries");
+  }
+
   // ---- merge ----------------------------------------------------------------------
   /// W += s B A (an assignment of the delta expression into W). Returns false
   /// when already merged (nothing done). Remembers s so unmerge() subtracts
@@ -174,7 +189,7 @@ class AdaptedLinear {
   bool merge() {
     require_writable();
     if (merged_) return false;
-    delta_.check_consistent("AdaptedLinear::merge");
+    check_consistent("AdaptedLinear::merge");
     merged_scale_ = delta_.scale();
     expr::assign(w_, delta_.expression(merged_scale_), scalar(1), scalar(1));  // W += s B A
     merged_ = true;
@@ -185,7 +200,7 @@ class AdaptedLinear {
   bool unmerge() {
     require_writable();
     if (!merged_) return false;
-    delta_.check_consistent("AdaptedLinear::unmerge");
+    check_consistent("AdaptedLinear::unmerge");
     expr::assign(w_, delta_.expression(merged_scale_), scalar(-1), scalar(1));  // W -= s B A
     merged_ = false;
     return true;
@@ -197,7 +212,7 @@ class AdaptedLinear {
   bool safe_merge() {
     require_writable();
     if (merged_) return false;
-    delta_.check_consistent("AdaptedLinear::safe_merge");
+    check_consistent("AdaptedLinear::safe_merge");
     const index_t bad = expr::first_non_finite(unmerged_expression());
     if (bad >= 0)
       detail::raise<NumericError>("AdaptedLinear::safe_merge: W + s*B*A (s = ", delta_.scale(),

@@ -66,5 +66,28 @@ template <class E, class... Args>
 [[noreturn]] void raise(Args&&... args) {
   throw E(concat(std::forward<Args>(args)...));
 }
+
+/// a * b and a + b for sizes (non-negative integers), or a ShapeError naming
+/// the operands where the result does not fit: a wrapped size would pass the
+/// range checks and address memory that is not there.
+template <class I>
+I checked_mul(const char* where, I a, I b) {
+  I r;
+  if (__builtin_mul_overflow(a, b, &r)) raise<ShapeError>(where, ": ", a, " * ", b, " overflows the size type");
+  return r;
+}
+template <class I>
+I checked_add(const char* where, I a, I b) {
+  I r;
+  if (__builtin_add_overflow(a, b, &r)) raise<ShapeError>(where, ": ", a, " + ", b, " overflows the size type");
+  return r;
+}
+
+/// Throws ValueError naming `name` unless v is finite: every floating-point
+/// parameter goes through this, since a range test such as !(v >= 0) lets +Inf
+/// through. (v - v is 0 for finite v and NaN otherwise; no <cmath> needed.)
+inline void check_finite_parameter(const char* where, const char* name, double v) {
+  if (!(v - v == 0.0)) raise<ValueError>(where, ": ", name, " = ", v, " is not finite");
+}
 }  // namespace detail
 }  // namespace lora

@@ -57,6 +57,8 @@ struct UniformBoth {
   template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
+    if (!(bound >= 0.0 && bound - bound == 0.0))
+      lora::detail::raise<ValueError>("init::UniformBoth: bound = ", bound, " must be finite and >= 0");
     BackendOps<B>::fill_random(d.A(), UniformDist{-bound, bound}, seed, stream_A);
     BackendOps<B>::fill_random(d.B(), UniformDist{-bound, bound}, seed, stream_B);
   }
@@ -122,7 +124,13 @@ struct FromDense {
       lora::detail::raise<ShapeError>("init::FromDense: delta is [", delta.rows(), ", ", delta.cols(),
                                        "], expected [out, in] = [", d.out_features(), ", ",
                                        d.in_features(), "]");
-    return svd_detail::factor_top_r(d, Delta::backend::to_host(delta));
+    const auto host = Delta::backend::to_host(delta);
+    for (index_t i = 0; i < host.rows(); ++i)  // an SVD of NaN gives NaN factors, not an error
+      for (index_t j = 0; j < host.cols(); ++j)
+        if (!std::isfinite(static_cast<double>(host(i, j))))
+          lora::detail::raise<ValueError>("init::FromDense: delta(", i, ", ", j, ") = ", host(i, j),
+                                           " is not finite");
+    return svd_detail::factor_top_r(d, host);
   }
 };
 template <class M>
@@ -140,6 +148,7 @@ SVDReport pissa(Layer& layer) {
                 "construct the layer over an owned matrix or a writable Eigen::Map<RowMatrix<T>>");
   if (layer.merged())
     lora::detail::raise<ValueError>("init::pissa: the layer is merged; unmerge() it first");
+  layer.check_consistent("init::pissa");
   SVDReport rep = svd_detail::factor_top_r(layer.delta(), B::to_host(layer.base_weight()));
   expr::assign(layer.base_weight(), layer.delta().expression(), T(-1), T(1));  // W -= s B A
   return rep;

@@ -74,6 +74,7 @@ class LowRankDelta {
   /// Dynamic rank (or a static one repeated, checked to agree), zero-filled.
   LowRankDelta(index_t out, index_t in, index_t rank, DeltaOptions options = {}) : options_(options) {
     detail::check_rank("LowRankDelta", rank, out, in);
+    detail::check_options("LowRankDelta", options_);
     if (Rank != dynamic && rank != Rank)
       detail::raise<RankError>("LowRankDelta: rank ", rank, " given for a static rank of ", Rank,
                                 "; use LowRankDelta<T, lora::dynamic> for a run-time rank");
@@ -90,6 +91,7 @@ class LowRankDelta {
       detail::raise<ShapeError>("LowRankDelta: B is [", b_.rows(), ", ", b_.cols(), "] and A is [",
                                  a_.rows(), ", ", a_.cols(), "]; B's columns must equal A's rows (the rank)");
     detail::check_rank("LowRankDelta", a_.rows(), b_.rows(), a_.cols());
+    detail::check_options("LowRankDelta", options_);
   }
 
   index_t rank() const { return a_.rows(); }
@@ -111,7 +113,10 @@ class LowRankDelta {
   Scaling rule() const { return options_.rule; }
   double multiplier() const { return options_.multiplier; }
   /// Adapter strength applied on top of the Scaling rule (0 disables it).
-  void set_multiplier(double m) { options_.multiplier = m; }
+  void set_multiplier(double m) {
+    detail::check_finite_parameter("LowRankDelta::set_multiplier", "multiplier", m);
+    options_.multiplier = m;
+  }
 
   /// s = alpha / r (or alpha / sqrt(r), or the user scale when alpha == 0),
   /// times the multiplier.

@@ -22,6 +22,7 @@ namespace lora {
 /// over an NF4 base (the same roundings as merging a dense copy of deq(Wq)).
 template <class Base, class Delta>
 auto merged_weight(const AdaptedLinear<Base, Delta>& layer) {
+  layer.check_consistent("lora::merged_weight");
   return expr::materialize(layer.weight());
 }
 
@@ -85,8 +86,13 @@ NF4MergeResult merge_to_nf4(const AdaptedLinear<NF4Matrix, Delta>& layer, std::o
   const NF4Matrix& base = layer.base_weight();
   const NF4Options opt = options ? *options : NF4Options{base.block_size(), base.double_quantized(), base.map8()};
   const NF4Matrix::dense_matrix exact = merged_weight(layer);
+  for (index_t i = 0; i < exact.rows(); ++i)  // named here, not by the quantiser it calls
+    for (index_t j = 0; j < exact.cols(); ++j)
+      if (!std::isfinite(exact(i, j)))
+        detail::raise<NumericError>("lora::merge_to_nf4: W + s*B*A is ", exact(i, j), " at row ", i, ", column ",
+                                     j, "; nothing was quantised");
   NF4MergeResult r;
-  r.weight = NF4Matrix::quantize(exact, opt);  // checks finiteness, names the index
+  r.weight = NF4Matrix::quantize(exact, opt);
   detail::measure_merge_error(r, exact, [&](index_t i, float* out) { r.weight.dequantize_rows(i, 1, out); });
   return r;
 }

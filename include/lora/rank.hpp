@@ -37,6 +37,16 @@ struct DeltaOptions {
   double multiplier = 1.0;
 };
 
+namespace detail {
+/// alpha, user_scale and multiplier must be finite: a NaN or Inf scale would
+/// make every forward NaN with no error.
+inline void check_options(const char* where, const DeltaOptions& o) {
+  check_finite_parameter(where, "alpha", o.alpha);
+  check_finite_parameter(where, "user_scale", o.user_scale);
+  check_finite_parameter(where, "multiplier", o.multiplier);
+}
+}  // namespace detail
+
 /// s for a given rank and options; the single place the rule is written down.
 inline double scale_for(const DeltaOptions& o, index_t rank) {
   double base = o.user_scale;

@@ -46,22 +46,49 @@ inline constexpr bool is_recording_v<Recording<WS>> = true;
 
 // ---- the four verbs, dispatching on the node type ------------------------------
 
+namespace verb_detail {
+/// The public verbs' checks (the evaluators below trust them): the operand
+/// [n, k] against the expression's k, the output [n, m], and no output that
+/// shares memory with something a product reads.
+template <class E, class In, class Out>
+void check_verb(const char* where, const E& e, const In& in, const Out& out, index_t k, index_t m) {
+  using B = backend_t<E>;
+  if (in.cols() != k || out.rows() != in.rows() || out.cols() != m)
+    lora::detail::raise<ShapeError>(where, ": the expression is [", e.rows(), ", ", e.cols(), "], the input is [",
+                                     in.rows(), ", ", in.cols(), "] and the output is [", out.rows(), ", ",
+                                     out.cols(), "]; need input [n, ", k, "] and output [n, ", m, "]");
+  if (B::overlaps(in, out) || e.overlaps(out, true))
+    lora::detail::raise<ShapeError>(where, ": the output shares memory with the input or with an operand of "
+                                           "the expression; the product cannot run in place");
+}
+}  // namespace verb_detail
+
 // The workspace's own type reaches the evaluators (not workspace_t<E>&, which
 // would drop a recording<> wrapper and with it the training forward's H).
 template <Expression E, class X, class Y, class WS>
   requires std::is_base_of_v<workspace_t<E>, WS>
 void apply(const E& e, const X& x, Y&& y, scalar_t<E> alpha, scalar_t<E> beta, WS& ws) {
+  verb_detail::check_verb("lora::expr::apply", e, x, y, e.cols(), e.rows());  // Y [n, out] = X [n, in] E^T
   evaluator<std::remove_cvref_t<E>>::apply(e, x, y, alpha, beta, ws);
 }
 
 template <Expression E, class G, class DX, class WS>
   requires std::is_base_of_v<workspace_t<E>, WS>
 void apply_transposed(const E& e, const G& g, DX&& dx, scalar_t<E> alpha, scalar_t<E> beta, WS& ws) {
+  verb_detail::check_verb("lora::expr::apply_transposed", e, g, dx, e.rows(), e.cols());  // dX [n, in] = G [n, out] E
   evaluator<std::remove_cvref_t<E>>::apply_transposed(e, g, dx, alpha, beta, ws);
 }
 
 template <Expression E, class D>
 void assign(D&& dst, const E& e, scalar_t<E> alpha = 1, scalar_t<E> beta = 0) {
+  if (dst.rows() != e.rows() || dst.cols() != e.cols())
+    lora::detail::raise<ShapeError>("lora::expr::assign: the destination is [", dst.rows(), ", ", dst.cols(),
+                                     "] and the expression is [", e.rows(), ", ", e.cols(), "]");
+  // dst may be a Dense leaf itself (W += s B A is read element by element),
+  // never a factor of a product.
+  if (e.overlaps(dst, false))
+    lora::detail::raise<ShapeError>("lora::expr::assign: the destination shares memory with a factor of the "
+                                     "expression; the product cannot run in place");
   evaluator<std::remove_cvref_t<E>>::assign(dst, e, alpha, beta);
 }
 

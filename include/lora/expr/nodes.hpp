@@ -42,6 +42,13 @@ struct Dense : NodeBase {
 
   index_t rows() const { return m.rows(); }
   index_t cols() const { return m.cols(); }
+  /// Whether `other` shares memory with a leaf the evaluators read; Dense
+  /// leaves count only when `dense` (assign reads them element by element,
+  /// so dst may be W itself; a product may not write into its operand).
+  template <class O>
+  bool overlaps(const O& other, bool dense) const {
+    return dense && backend::overlaps(m, other);
+  }
 };
 
 /// A compressed base weight (an NF4Matrix), rows [row0, row0 + nrows): QLoRA's
@@ -61,6 +68,11 @@ struct Dequantized : NodeBase {
 
   index_t rows() const { return nrows; }
   index_t cols() const { return q.cols(); }
+  /// Compressed storage of its own type: no float operand can alias it.
+  template <class O>
+  bool overlaps(const O&, bool) const {
+    return false;
+  }
 };
 
 /// The product B A of a rank-r pair, B [out, r], A [r, in]. Never formed by
@@ -91,6 +103,10 @@ struct LowRank : NodeBase {
   }
   index_t rows() const { return b.rows(); }
   index_t cols() const { return a.cols(); }
+  template <class O>
+  bool overlaps(const O& other, bool) const {
+    return backend::overlaps(b, other) || backend::overlaps(a, other);
+  }
   index_t rank() const { return a.rows(); }
 };
 
@@ -107,6 +123,10 @@ struct Scaled : NodeBase {
 
   index_t rows() const { return inner.rows(); }
   index_t cols() const { return inner.cols(); }
+  template <class O>
+  bool overlaps(const O& other, bool dense) const {
+    return inner.overlaps(other, dense);
+  }
 };
 
 /// L + R, same shape.
@@ -134,6 +154,10 @@ struct Sum : NodeBase {
   }
   index_t rows() const { return lhs.rows(); }
   index_t cols() const { return lhs.cols(); }
+  template <class O>
+  bool overlaps(const O& other, bool dense) const {
+    return lhs.overlaps(other, dense) || rhs.overlaps(other, dense);
+  }
 };
 
 // ---- builders --------------------------------------------------------------

@@ -1,5 +1,5 @@
 // quant/dynamic_map.hpp: bitsandbytes' signed "dynamic" 8-bit code map, the
-// 256 values NF4 double quantisation stores block scales with (DESIGN.md s3).
+// 256 values NF4 double quantisation stores block scales with (docs/nf4.md, "Double quantisation").
 //
 // The map is data: the float32 bit patterns below are copied from
 // data/bnb_dynamic_map_signed.tsv and a test checks that they still agree.

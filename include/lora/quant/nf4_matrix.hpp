@@ -44,7 +44,7 @@ class NF4Matrix {
     check_block_size(fn, options.block_size);
     if (rows < 0 || cols < 0)
       lora::detail::raise<ShapeError>(fn, ": shape ", rows, " x ", cols, " has a negative extent");
-    const index_t n = rows * cols;
+    const index_t n = checked_size(fn, rows, cols, options.block_size);
     if (n > 0 && data == nullptr)
       lora::detail::raise<ValueError>(fn, ": data is null for a ", rows, " x ", cols, " matrix");
     check_finite(fn, data, n, cols);
@@ -77,6 +77,7 @@ class NF4Matrix {
     constexpr const char* fn = "NF4Matrix::from_parts";
     NF4Matrix m = checked_shell(fn, rows, cols, block_size, false, packed);
     expect_size(fn, "absmax", absmax.size(), m.num_blocks());
+    check_scales(fn, "absmax", absmax);
     m.absmax_.assign(absmax.begin(), absmax.end());
     return m;
   }
@@ -93,9 +94,12 @@ class NF4Matrix {
     expect_size(fn, "absmax_q8", absmax_q8.size(), m.num_blocks());
     expect_size(fn, "absmax2", absmax2.size(), m.num_scale_groups());
     m.set_map(fn, map8);
+    check_scales(fn, "absmax2", absmax2);
+    lora::detail::check_finite_parameter(fn, "offset", offset);
     m.q8_.assign(absmax_q8.begin(), absmax_q8.end());
     m.absmax2_.assign(absmax2.begin(), absmax2.end());
     m.offset_ = offset;
+    m.check_scale_range(fn);
     return m;
   }
 
@@ -149,9 +153,10 @@ class NF4Matrix {
   // ---- dequantisation ----------------------------------------------------
   /// Flat elements [first, first + count) into out (count floats).
   void dequantize_range(index_t first, index_t count, float* out) const {
-    if (first < 0 || count < 0 || first + count > size())
-      lora::detail::raise<ShapeError>("NF4Matrix::dequantize_range: range [", first, ", ",
-                                       first + count, ") is outside [0, ", size(), ")");
+    // Written so that nothing overflows: first + count could wrap past size().
+    if (first < 0 || count < 0 || first > size() || count > size() - first)
+      lora::detail::raise<ShapeError>("NF4Matrix::dequantize_range: ", count, " elements from ", first,
+                                       " are outside [0, ", size(), ")");
     index_t f = first;
     const index_t end = first + count;
     while (f < end) {
@@ -163,9 +168,9 @@ class NF4Matrix {
   }
   /// Rows [first_row, first_row + count) into out, row-major (count * cols floats).
   void dequantize_rows(index_t first_row, index_t count, float* out) const {
-    if (first_row < 0 || count < 0 || first_row + count > rows_)
-      lora::detail::raise<ShapeError>("NF4Matrix::dequantize_rows: rows [", first_row, ", ",
-                                       first_row + count, ") are outside [0, ", rows_, ")");
+    if (first_row < 0 || count < 0 || first_row > rows_ || count > rows_ - first_row)
+      lora::detail::raise<ShapeError>("NF4Matrix::dequantize_rows: ", count, " rows from row ", first_row,
+                                       " are outside [0, ", rows_, ")");
     dequantize_range(first_row * cols_, count * cols_, out);
   }
   /// The whole matrix into out (size() floats, row-major).
@@ -209,6 +214,14 @@ class NF4Matrix {
                                        nf4::min_block_size, ", ", nf4::max_block_size, "]");
   }
 
+  /// rows * cols, checked so that it and the block arithmetic on it (n + block
+  /// size) stay inside index_t.
+  static index_t checked_size(const char* fn, index_t rows, index_t cols, index_t block_size) {
+    const index_t n = lora::detail::checked_mul(fn, rows, cols);
+    (void)lora::detail::checked_add(fn, n, block_size);
+    return n;
+  }
+
   static void expect_size(const char* fn, const char* what, std::size_t got, index_t want) {
     if (static_cast<index_t>(got) != want)
       lora::detail::raise<FormatError>(fn, ": ", what, " has ", got, " entries, expected ", want);
@@ -219,8 +232,9 @@ class NF4Matrix {
     check_block_size(fn, block_size);
     if (rows < 0 || cols < 0)
       lora::detail::raise<ShapeError>(fn, ": shape ", rows, " x ", cols, " has a negative extent");
+    const index_t n = checked_size(fn, rows, cols, block_size);
     NF4Matrix m(rows, cols, block_size, double_quant);
-    expect_size(fn, "packed", packed.size(), (m.size() + 1) / 2);
+    expect_size(fn, "packed", packed.size(), n / 2 + n % 2);
     m.packed_.assign(packed.begin(), packed.end());
     return m;
   }
@@ -240,6 +254,25 @@ class NF4Matrix {
           lora::detail::raise<ValueError>(fn, ": non-finite value ", x[i], " at flat index ", i,
                                            " (row ", i / cols, ", column ", i % cols, ")");
     }
+  }
+
+  /// Block scales read from a file: finite and >= 0 (a negative scale would
+  /// flip the block's signs, NaN / Inf would decode to NaN).
+  static void check_scales(const char* fn, const char* what, std::span<const float> s) {
+    for (std::size_t k = 0; k < s.size(); ++k)
+      if (!(s[k] >= 0.0f && s[k] <= std::numeric_limits<float>::max()))
+        lora::detail::raise<ValueError>(fn, ": ", what, "[", k, "] = ", s[k], " is not a finite scale >= 0");
+  }
+
+  /// Every reconstructed scale map8[q] * absmax2 + offset must be a finite
+  /// float, or whole blocks would decode to Inf / NaN with no error.
+  void check_scale_range(const char* fn) const {
+    const float* map = map_ptr();
+    const double map_max = std::max(std::fabs(double(map[0])), std::fabs(double(map[dynamic_map::size - 1])));
+    for (std::size_t g = 0; g < absmax2_.size(); ++g)
+      if (map_max * double(absmax2_[g]) + std::fabs(double(offset_)) > double(std::numeric_limits<float>::max()))
+        lora::detail::raise<ValueError>(fn, ": absmax2[", g, "] = ", absmax2_[g], " with offset ", offset_,
+                                         " reconstructs block scales beyond the float range");
   }
 
   void set_map(const char* fn, std::span<const float> map8) {
@@ -278,7 +311,7 @@ class NF4Matrix {
     return v > 1.0f ? 1.0f : v;
   }
 
-  // Normalises and encodes every block (DESIGN.md s3): absmax in fp32, full
+  // Normalises and encodes every block (docs/nf4.md, "Format"): absmax in fp32, full
   // blocks times 1/a, the partial last block divided by a, clamp, count.
   static void quantize_blocks(const float* x, index_t n, index_t bs, float* absmax, std::uint8_t* packed) {
     const index_t nb = (n + bs - 1) / bs;
@@ -320,9 +353,16 @@ class NF4Matrix {
     // Mean as "sum, then divide by the count" like torch's CPU mean, but with the
     // sum accumulated in double: deterministic for any thread count, and the
     // correctly rounded fp32 sum for any realistic block count.
+    // A float sum beyond FLT_MAX (blocks near the float limit) would make the
+    // offset Inf and every scale NaN: then the mean is taken in double.
     double sum = 0.0;
     for (float a : absmax) sum += a;
-    offset_ = offset ? *offset : nb > 0 ? static_cast<float>(sum) / static_cast<float>(nb) : 0.0f;
+    if (offset) lora::detail::check_finite_parameter("NF4Matrix::quantize", "absmax_offset", *offset);
+    const float fsum = static_cast<float>(sum);
+    offset_ = offset ? *offset
+              : nb == 0 ? 0.0f
+              : fsum <= std::numeric_limits<float>::max() ? fsum / static_cast<float>(nb)
+                                                          : static_cast<float>(sum / static_cast<double>(nb));
 
     const float* map = map_ptr();
     float mid[dynamic_map::size - 1];
@@ -338,6 +378,10 @@ class NF4Matrix {
       float amax = 0.0f;
       for (index_t j = 0; j < len; ++j) {
         s[std::size_t(j)] = absmax[std::size_t(begin + j)] - offset_;
+        if (!(std::fabs(s[std::size_t(j)]) <= std::numeric_limits<float>::max()))
+          lora::detail::raise<ValueError>("NF4Matrix::quantize: block ", begin + j, "'s absmax ",
+                                           absmax[std::size_t(begin + j)], " minus the offset ", offset_,
+                                           " overflows float; choose a smaller absmax_offset");
         amax = std::max(amax, std::fabs(s[std::size_t(j)]));
       }
       absmax2_[std::size_t(g)] = amax;
@@ -349,6 +393,7 @@ class NF4Matrix {
         q8_[std::size_t(begin + j)] = static_cast<std::uint8_t>(dynamic_map::encode(clamp_unit(v), mid));
       }
     }
+    check_scale_range("NF4Matrix::quantize");
   }
 
   index_t rows_ = 0;

@@ -126,6 +126,7 @@ class Tape {
   expr::Recording<workspace> saved_;  // the adapter's intermediates (LoRA: slot 0 H, slot 1 G B)
   workspace wide_;                    // slot 0: drop(X) (n, in); slot 1: dE/dD^T G (n, in); dropout only
   workspace eval_;                    // the expression evaluators' scratch
+  const void* layer_ = nullptr;  // whose forward recorded it: one tape per layer
   index_t n_ = -1;
   bool dropped_ = false;
   bool merged_ = false;
@@ -148,7 +149,7 @@ template <class Layer, class X>
 void check_input(const char* where, const Layer& layer, const X& x) {
   static_assert(std::is_same_v<scalar_of_t<X>, typename Layer::scalar>,
                 "lora::train: X has a different scalar type than the layer; cast it first");
-  layer.delta().check_consistent(where);
+  layer.check_consistent(where);
   if (x.cols() != layer.in_features())
     lora::detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ",
                                      layer.in_features());
@@ -170,6 +171,7 @@ void forward(const Layer& layer, const X& x, Y&& y, Tape<Layer>& tape, const Dro
   const index_t n = x.rows(), in = layer.in_features();
   const auto& delta = layer.delta();
 
+  tape.layer_ = &layer;
   tape.n_ = n;
   tape.dropped_ = drop.active();
   tape.merged_ = layer.merged();
@@ -213,6 +215,9 @@ void backward_impl(const Layer& layer, const X& x, const G& g, Tape<Layer>& tape
   const index_t n = x.rows(), in = layer.in_features(), out = layer.out_features();
   if (tape.n_ < 0)
     lora::detail::raise<ValueError>(where, ": the tape is empty; call train::forward with it first");
+  if (tape.layer_ != &layer)
+    lora::detail::raise<ValueError>(where, ": the tape holds another layer's forward; use one tape per layer "
+                                           "(its intermediates belong to the layer that recorded them)");
   if (tape.n_ != n)
     lora::detail::raise<ShapeError>(where, ": X has ", n, " rows but the tape's forward saw ", tape.n_,
                                      " tokens");

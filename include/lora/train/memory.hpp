@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <span>
+#include <utility>
 
 #include "../config.hpp"
 #include "../error.hpp"
@@ -93,6 +94,10 @@ inline MemoryReport account(std::uint64_t frozen, std::uint64_t trainable, std::
     lora::detail::raise<ValueError>("train::memory_usage: optimizer_states = ", o.optimizer_states,
                                      " must be >= 0");
   const Precision& b = o.bytes;
+  for (const auto& [name, v] : {std::pair{"bytes.frozen", b.frozen}, {"bytes.trainable", b.trainable},
+                                {"bytes.gradient", b.gradient}, {"bytes.state", b.state}})
+    if (!(v >= 0.0 && v - v == 0.0))
+      lora::detail::raise<ValueError>("train::memory_usage: ", name, " = ", v, " must be finite and >= 0");
   const double states = o.optimizer_states;
   MemoryReport r;
   r.frozen_parameters = frozen;
@@ -116,10 +121,14 @@ inline MemoryReport memory_usage(const LayerShape& s, const MemoryOptions& o = {
                                      s.rank, " needs positive extents and 0 < r <= min(out, in)");
   if (s.train_bias && !s.bias)
     lora::detail::raise<ValueError>("train::memory_usage: train_bias without a bias");
+  constexpr const char* fn = "train::memory_usage";
   const auto out = std::uint64_t(s.out), in = std::uint64_t(s.in), r = std::uint64_t(s.rank);
   const std::uint64_t bias = s.bias ? out : 0;
-  return detail::account(out * in + (s.train_bias ? 0 : bias), r * (in + out) + (s.train_bias ? bias : 0),
-                         out * in + bias, o);
+  // Shapes, not allocations: nothing stops out * in from wrapping but a check.
+  const std::uint64_t weights = lora::detail::checked_mul(fn, out, in);
+  const std::uint64_t full = lora::detail::checked_add(fn, weights, bias);
+  const std::uint64_t lora_params = lora::detail::checked_mul(fn, r, in + out);  // in + out < 2^64: both < 2^63
+  return detail::account(weights + (s.train_bias ? 0 : bias), lora_params + (s.train_bias ? bias : 0), full, o);
 }
 
 /// A set of adapted layers (e.g. 96 x {W_q, W_v}).

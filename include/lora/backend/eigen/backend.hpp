@@ -40,7 +40,8 @@ struct EigenBackend {
     template <int Cols = dynamic>
     Eigen::Map<RowMatrix<T, dynamic, Cols>> matrix(index_t rows, index_t cols, int slot = 0) {
       auto& buf = slot == 0 ? first_ : second_;
-      if (buf.size() < rows * cols) buf.resize(rows * cols);
+      const index_t need = detail::checked_mul("EigenBackend::workspace::matrix", rows, cols);
+      if (buf.size() < need) buf.resize(need);
       return Eigen::Map<RowMatrix<T, dynamic, Cols>>(buf.data(), rows, cols);
     }
     index_t capacity() const { return first_.size() + second_.size(); }

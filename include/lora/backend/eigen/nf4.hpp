@@ -264,6 +264,9 @@ inline void nf4_gemv(const NF4Matrix& W, std::span<const float> x, std::span<flo
     lora::detail::raise<ShapeError>("nf4_gemv: x has ", x.size(), " elements, expected W.cols() = ", W.cols());
   if (static_cast<index_t>(y.size()) != W.rows())
     lora::detail::raise<ShapeError>("nf4_gemv: y has ", y.size(), " elements, expected W.rows() = ", W.rows());
+  // y is written while x is still being read.
+  if (!x.empty() && !y.empty() && x.data() < y.data() + y.size() && y.data() < x.data() + x.size())
+    lora::detail::raise<ShapeError>("nf4_gemv: x and y share memory; the product cannot run in place");
   detail::nf4k::gemv_rows(W, 0, W.rows(), x.data(), y.data(), alpha, beta);
 }
 
@@ -288,6 +291,8 @@ void nf4_gemm(const NF4Matrix& W, const std::type_identity_t<detail::nf4k::const
   if (Y.rows() != X.rows() || Y.cols() != W.rows())
     lora::detail::raise<ShapeError>("nf4_gemm: Y is ", Y.rows(), " x ", Y.cols(), ", expected ", X.rows(),
                                      " x ", W.rows(), " (X.rows() x W.rows())");
+  if (EigenBackend::overlaps(X, Y))
+    lora::detail::raise<ShapeError>("nf4_gemm: X and Y share memory; the product cannot run in place");
   detail::nf4k::gemm_rows<T>(W, 0, W.rows(), X, Y, alpha, beta);
 }
 
@@ -305,6 +310,8 @@ void nf4_gemm_transposed(const NF4Matrix& W, const std::type_identity_t<detail::
   if (dX.rows() != G.rows() || dX.cols() != W.cols())
     lora::detail::raise<ShapeError>("nf4_gemm_transposed: dX is ", dX.rows(), " x ", dX.cols(), ", expected ",
                                      G.rows(), " x ", W.cols(), " (G.rows() x W.cols())");
+  if (EigenBackend::overlaps(G, dX))
+    lora::detail::raise<ShapeError>("nf4_gemm_transposed: G and dX share memory; the product cannot run in place");
   detail::nf4k::gemm_transposed_rows<T>(W, 0, W.rows(), G, dX, alpha, beta);
 }
 

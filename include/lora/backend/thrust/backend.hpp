@@ -129,9 +129,10 @@ struct ThrustBackend {
     template <int Cols = dynamic>
     DeviceMatrixView<T, dynamic, Cols> matrix(index_t rows, index_t cols, int slot = 0) {
       auto& buf = slot == 0 ? first_ : second_;
-      if (static_cast<index_t>(buf.size()) < rows * cols) {
+      const index_t need = detail::checked_mul("ThrustBackend::workspace::matrix", rows, cols);
+      if (static_cast<index_t>(buf.size()) < need) {
         buf.clear();  // nothing to keep: avoids copying the old contents
-        buf.resize(static_cast<std::size_t>(rows * cols));
+        buf.resize(static_cast<std::size_t>(need));
       }
       return {thrust::raw_pointer_cast(buf.data()), rows, cols, cols};
     }

@@ -97,7 +97,8 @@ class DeviceMatrix {
     if ((Rows != dynamic && rows != Rows) || (Cols != dynamic && cols != Cols) || rows < 0 || cols < 0)
       detail::raise<ShapeError>("DeviceMatrix::resize: [", rows, ", ", cols, "] requested for a matrix with ",
                                  "static extents [", Rows, ", ", Cols, "] (-1 = dynamic)");
-    if (static_cast<std::size_t>(rows * cols) != storage_.size()) storage_.resize(static_cast<std::size_t>(rows * cols));
+    const auto n = static_cast<std::size_t>(detail::checked_mul("DeviceMatrix::resize", rows, cols));
+    if (n != storage_.size()) storage_.resize(n);
     rows_ = rows;
     cols_ = cols;
   }
