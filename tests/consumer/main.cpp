@@ -1,4 +1,5 @@
-// Checks one forward against a dense product: the package works as installed.
+// Checks one forward against a dense product: the package works as installed,
+// with the kernels compiled once in lora::kernels (LORA_EXTERN_TEMPLATES).
 #include <lora/lora.hpp>
 
 #include <cstdio>
@@ -13,6 +14,10 @@ int main() {
   const float err = (Y - dense).cwiseAbs().maxCoeff();
   std::printf("max |Y - dense| = %g\n", err);
   if (err > 1e-4f) return 1;
+#ifndef LORA_EXTERN_TEMPLATES
+  std::printf("lora::kernels did not define LORA_EXTERN_TEMPLATES\n");
+  return 1;
+#endif
   std::printf("consumer ok (lora %s)\n", LORA_VERSION_STRING);
   return 0;
 }
