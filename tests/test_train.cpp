@@ -1,14 +1,20 @@
 // Training: gradients against central finite differences (double) and the
 // closed form in long double (float), dropout masks, SGD / AdamW against
-// hand-computed values, clipping, non-finite refusal, memory accounting
-// (including the LoRA paper's GPT-3 arithmetic), a short training run, and
-// bit-identical determinism.
+// hand-computed values and against torch.optim's own results (tests/fixtures/optim),
+// clipping, non-finite refusal, memory accounting (including the LoRA paper's
+// GPT-3 arithmetic), a short training run, and bit-identical determinism.
 #include <lora/lora.hpp>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <fstream>
+#include <functional>
 #include <limits>
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace {
@@ -74,7 +80,7 @@ long double relative_error(const A& a, const B& b) {
   return den > 0 ? num / den : num;
 }
 
-// The DESIGN.md formulas by plain loops in long double, with the sum of |terms|
+// The formulas of docs/training.md by plain loops in long double, with the sum of |terms|
 // per entry for a rounding bound (as test_core's reference).
 struct closed_form {
   lora::RowMatrix<long double> dA, dB, dX, db, dA_mag, dB_mag, dX_mag, db_mag;
@@ -697,5 +703,338 @@ TEST_CASE("a recording workspace keeps H = X A^T through expr::apply, also at sc
     lora::EigenBackend::workspace<float> plain;
     lora::expr::apply(layer.unmerged_expression(), X, Y, 1.0f, 0.0f, plain);
     CHECK(plain.capacity() == (m == 0.0 ? 0 : 4 * 3));
+  }
+}
+
+TEST_CASE("optimizers refuse NaN and infinite hyperparameters, naming each", "[optim][errors]") {
+  constexpr double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  for (const double bad : {inf, nan}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH(train::SGD<float>({.lr = bad}), Catch::Contains("lr = "));
+    CHECK_THROWS_WITH(train::SGD<float>({.lr = 0.1, .momentum = bad}), Catch::Contains("momentum = "));
+    CHECK_THROWS_WITH(train::SGD<float>({.lr = 0.1, .weight_decay = bad}), Catch::Contains("weight_decay = "));
+    CHECK_THROWS_WITH(train::AdamW<float>({.lr = bad}), Catch::Contains("lr = "));
+    CHECK_THROWS_WITH(train::AdamW<float>({.eps = bad}), Catch::Contains("eps = "));
+    CHECK_THROWS_WITH(train::AdamW<float>({.weight_decay = bad}), Catch::Contains("weight_decay = "));
+    CHECK_THROWS_WITH(train::AdamW<float>({.lora_plus_ratio = bad}), Catch::Contains("lora_plus_ratio = "));
+    CHECK_THROWS_WITH(train::AdamW<float>({.max_grad_norm = bad}), Catch::Contains("max_grad_norm = "));
+    train::AdamW<float> adam;
+    CHECK_THROWS_AS(adam.set_lr(bad), lora::ValueError);
+    train::SGD<float> sgd({.lr = 0.1});
+    CHECK_THROWS_WITH(sgd.set_lr(bad), Catch::Contains("must be finite"));
+  }
+  CHECK_THROWS_AS(train::AdamW<float>({.lr = inf}), lora::ValueError);
+}
+
+TEST_CASE("a delta refuses a NaN or infinite alpha, scale or multiplier", "[errors]") {
+  constexpr double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  using D = lora::LowRankDelta<float>;
+  for (const double bad : {inf, -inf, nan}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH(D(8, 6, 2, {.alpha = bad}), Catch::Contains("alpha = ") && Catch::Contains("not finite"));
+    CHECK_THROWS_WITH(D(8, 6, 2, {.user_scale = bad}), Catch::Contains("user_scale = "));
+    CHECK_THROWS_WITH(D(8, 6, 2, {.multiplier = bad}), Catch::Contains("multiplier = "));
+    CHECK_THROWS_AS(D(lora::RowMatrix<float>::Zero(8, 2), lora::RowMatrix<float>::Zero(2, 6), {.alpha = bad}),
+                    lora::ValueError);
+    D d(8, 6, 2, {.alpha = 4});
+    CHECK_THROWS_AS(d.set_multiplier(bad), lora::ValueError);
+    CHECK(d.multiplier() == 1.0);  // unchanged
+    CHECK_THROWS_WITH(d.init(lora::init::UniformBoth{bad}, 1), Catch::Contains("bound = "));
+    lora::RowMatrix<float> dW = lora::RowMatrix<float>::Ones(8, 6);
+    dW(3, 4) = static_cast<float>(bad);
+    CHECK_THROWS_WITH(d.init(lora::init::FromDense{dW}, 0), Catch::Contains("delta(3, 4) = "));
+  }
+}
+
+TEST_CASE("memory accounting refuses NaN, infinite or negative byte sizes", "[memory][errors]") {
+  lora::AdaptedLinear layer{lora::RowMatrix<float>::Zero(8, 6), lora::LowRankDelta<float>{8, 6, 2}};
+  for (const double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(), -1.0}) {
+    CAPTURE(bad);
+    train::MemoryOptions o;
+    o.bytes.state = bad;
+    CHECK_THROWS_WITH(train::memory_usage(layer, o), Catch::Contains("bytes.state = "));
+  }
+}
+
+TEST_CASE("memory accounting of huge shapes refuses to wrap", "[memory][errors]") {
+  const index_t huge = index_t(1) << 33;
+  CHECK_THROWS_AS(train::memory_usage(train::LayerShape{huge, huge, 8}), lora::ShapeError);
+  const auto ok = train::memory_usage(train::LayerShape{1 << 20, 1 << 20, 8});
+  CHECK(ok.frozen_parameters == std::uint64_t(1) << 40);
+}
+
+namespace {
+using InvLayer = lora::AdaptedLinear<lora::RowMatrix<float>, lora::LowRankDelta<float>>;
+InvLayer invariant_layer() {
+  const index_t out = 12, in = 9, r = 3;
+  InvLayer layer{lora::RowMatrix<float>::Random(out, in), Eigen::VectorXf::Random(out),
+                 lora::LowRankDelta<float>{out, in, r, {.alpha = 6}}};
+  layer.delta().init(lora::init::UniformBoth{}, 5);
+  return layer;
+}
+}  // namespace
+
+TEST_CASE("a factor or bias resized through its accessor is caught by every entry point", "[invariants][errors]") {
+  using M = lora::RowMatrix<float>;
+  const M X = M::Random(4, 9), G = M::Random(4, 12);
+  // Each way of breaking the layer through a writable accessor.
+  const std::vector<std::pair<const char*, std::function<void(InvLayer&)>>> breaks = {
+      {"A wider", [](InvLayer& l) { l.delta().A().conservativeResize(3, 14); }},
+      {"A taller (rank)", [](InvLayer& l) { l.delta().A().conservativeResize(4, 9); }},
+      {"B taller", [](InvLayer& l) { l.delta().B().conservativeResize(20, 3); }},
+      {"B narrower (rank)", [](InvLayer& l) { l.delta().B().conservativeResize(12, 2); }},
+      {"bias shorter", [](InvLayer& l) { l.bias().conservativeResize(5); }},
+  };
+  for (const auto& [what, breaker] : breaks) {
+    CAPTURE(what);
+    InvLayer layer = invariant_layer();
+    train::Tape<InvLayer> tape;
+    M Y(4, 12), dX(4, 9);
+    train::forward(layer, X, Y, tape);  // a good forward first, so backward has a tape
+    breaker(layer);
+    CHECK_THROWS_AS(layer.forward(X), lora::ShapeError);
+    CHECK_THROWS_AS(train::forward(layer, X, Y, tape), lora::ShapeError);
+    train::Gradients<InvLayer> grads(invariant_layer());
+    CHECK_THROWS_AS(train::backward(layer, X, G, tape, grads, dX), lora::ShapeError);
+    CHECK_THROWS_AS(layer.merge(), lora::ShapeError);
+    CHECK_THROWS_AS(layer.safe_merge(), lora::ShapeError);
+    CHECK_THROWS_AS(lora::merged_weight(layer), lora::ShapeError);
+    train::SGD<float> sgd;
+    CHECK_THROWS_AS(sgd.add(layer, grads), lora::ShapeError);
+  }
+  // unmerge after a resize while merged: W would be corrected by the wrong term.
+  InvLayer layer = invariant_layer();
+  REQUIRE(layer.merge());
+  layer.delta().A().conservativeResize(3, 14);
+  CHECK_THROWS_AS(layer.unmerge(), lora::ShapeError);
+}
+
+TEST_CASE("optimizers detect replaced gradient storage, double registration and merged layers", "[invariants][errors]") {
+  using M = lora::RowMatrix<float>;
+  const M X = M::Random(4, 9), G = M::Random(4, 12);
+  InvLayer layer = invariant_layer();
+  train::Gradients<InvLayer> grads(layer);
+  train::Tape<InvLayer> tape;
+  M Y(4, 12);
+  train::forward(layer, X, Y, tape);
+  train::backward(layer, X, G, tape, grads);
+
+  SECTION("assigning a temporary swaps the gradient's buffer: step refuses and updates nothing") {
+    train::AdamW<float> opt;
+    opt.add(layer, grads);
+    const M A_before = layer.delta().A();
+    M fresh = M::Zero(3, 9);
+    grads.dA() = std::move(fresh);  // same shape, but Eigen's move assignment swaps the buffers
+    CHECK_THROWS_WITH(opt.step(), Catch::Contains("'layer0.lora_A' or its gradient was resized or replaced"));
+    CHECK(layer.delta().A() == A_before);
+  }
+  SECTION("assigning into the same storage is fine") {
+    train::SGD<float> opt({.lr = 0.1});
+    opt.add(layer, grads);
+    grads.dA().setZero();
+    const M A_before = layer.delta().A();
+    CHECK_NOTHROW(opt.step());
+    CHECK(layer.delta().A() == A_before);  // zero gradient, no decay: unchanged
+    CHECK(layer.delta().B() != invariant_layer().delta().B());
+  }
+  SECTION("a layer registered twice would be updated twice per step") {
+    train::SGD<float> opt;
+    opt.add(layer, grads);
+    CHECK_THROWS_WITH(opt.add(layer, grads), Catch::Contains("already registered as 'layer0.lora_A'"));
+  }
+  SECTION("stepping a merged layer would leave W wrong after unmerge") {
+    train::SGD<float> opt;
+    opt.add(layer, grads, "q_proj");
+    REQUIRE(layer.merge());
+    CHECK_THROWS_WITH(opt.step(), Catch::Contains("q_proj is merged"));
+    REQUIRE(layer.unmerge());
+    CHECK_NOTHROW(opt.step());
+  }
+  SECTION("one tape used for two layers") {
+    InvLayer other = invariant_layer();
+    train::forward(other, X, Y, tape);  // the tape now holds other's intermediates
+    CHECK_THROWS_WITH(train::backward(layer, X, G, tape, grads), Catch::Contains("another layer's forward"));
+  }
+}
+
+// ---- torch.optim parity: tests/fixtures/optim, written by scripts/gen_optim_fixtures.py
+// from torch's single-tensor AdamW / SGD on A [2, 4] (lr) and B [4, 2] (lr * ratio).
+namespace {
+
+struct OptimCase {
+  std::string name, optimizer, sqrt, lr;
+  double beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0, momentum = 0;
+  int nesterov = 0;
+  double max_grad_norm = 0, lora_plus_ratio = 1;
+};
+
+std::string optim_fixture(const std::string& file) { return std::string(LORA_TEST_FIXTURE_DIR) + "/optim/" + file; }
+
+std::vector<OptimCase> read_optim_manifest() {
+  std::ifstream in(optim_fixture("manifest.txt"));
+  REQUIRE(in.good());
+  std::vector<OptimCase> cases;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream s(line);
+    OptimCase c;
+    std::string b1, b2, eps, wd, mom, mx, ratio;
+    s >> c.name >> c.optimizer >> c.sqrt >> c.lr >> b1 >> b2 >> eps >> wd >> mom >> c.nesterov >> mx >> ratio;
+    REQUIRE(!s.fail());
+    // stod is correctly rounded, and the manifest holds Python's round-trip repr.
+    c.beta1 = std::stod(b1), c.beta2 = std::stod(b2), c.eps = std::stod(eps), c.weight_decay = std::stod(wd);
+    c.momentum = std::stod(mom), c.max_grad_norm = std::stod(mx), c.lora_plus_ratio = std::stod(ratio);
+    cases.push_back(c);
+  }
+  return cases;
+}
+
+template <class T>
+std::vector<T> read_raw(const std::string& file, std::size_t n) {
+  std::ifstream in(optim_fixture(file), std::ios::binary);
+  INFO(file);
+  REQUIRE(in.good());
+  std::vector<T> v(n);
+  in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(T)));
+  REQUIRE(in.gcount() == static_cast<std::streamsize>(n * sizeof(T)));
+  REQUIRE(in.peek() == std::char_traits<char>::eof());
+  return v;
+}
+
+// The run of one fixture case: per step, the largest |ours - torch| over the
+// 16 parameters, whether all 16 are bit-identical, and the norms.
+struct OptimRun {
+  std::vector<double> max_diff, max_abs_param;
+  std::vector<bool> identical;
+  std::vector<double> norm;
+};
+
+template <class T>
+OptimRun run_optim_case(const OptimCase& c, const std::vector<T>& init, const std::vector<T>& grads,
+                        const std::vector<T>& expected, const std::vector<double>& lrs) {
+  constexpr index_t out = 4, in = 4, r = 2, n_a = r * in, n = n_a + out * r;
+  lora::AdaptedLinear layer{lora::RowMatrix<T>(lora::RowMatrix<T>::Zero(out, in)),
+                            lora::LowRankDelta<T, lora::dynamic>{out, in, r}};
+  using Layer = decltype(layer);
+  auto& A = layer.delta().A();  // (r, in)
+  auto& B = layer.delta().B();  // (out, r)
+  for (index_t k = 0; k < n_a; ++k) A(k / in, k % in) = init[std::size_t(k)];
+  for (index_t k = 0; k < n - n_a; ++k) B(k / r, k % r) = init[std::size_t(n_a + k)];
+  train::Gradients<Layer> g(layer, false);
+  auto run = [&](auto& opt) {
+    opt.add(layer, g, "l");
+    OptimRun res;
+    for (std::size_t t = 0; t < lrs.size(); ++t) {
+      const T* gt = grads.data() + t * n;
+      for (index_t k = 0; k < n_a; ++k) g.dA()(k / in, k % in) = gt[k];
+      for (index_t k = 0; k < n - n_a; ++k) g.dB()(k / r, k % r) = gt[n_a + k];
+      opt.set_lr(lrs[t]);
+      res.norm.push_back(opt.step());
+      const T* want = expected.data() + t * n;
+      double diff = 0, big = 0;
+      bool same = true;
+      for (index_t k = 0; k < n; ++k) {
+        const T got = k < n_a ? A(k / in, k % in) : B((k - n_a) / r, (k - n_a) % r);
+        same = same && std::memcmp(&got, &want[k], sizeof(T)) == 0;
+        diff = std::max(diff, std::abs(double(got) - double(want[k])));
+        big = std::max(big, std::abs(double(want[k])));
+      }
+      res.max_diff.push_back(diff);
+      res.max_abs_param.push_back(big);
+      res.identical.push_back(same);
+    }
+    return res;
+  };
+  if (c.optimizer == "adamw") {
+    train::AdamW<T> opt({.lr = lrs[0], .beta1 = c.beta1, .beta2 = c.beta2, .eps = c.eps,
+                         .weight_decay = c.weight_decay, .max_grad_norm = c.max_grad_norm,
+                         .lora_plus_ratio = c.lora_plus_ratio});
+    return run(opt);
+  }
+  REQUIRE(c.optimizer == "sgd");
+  train::SGD<T> opt({.lr = lrs[0], .momentum = c.momentum, .weight_decay = c.weight_decay,
+                     .nesterov = c.nesterov != 0, .max_grad_norm = c.max_grad_norm,
+                     .lora_plus_ratio = c.lora_plus_ratio});
+  return run(opt);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("AdamW and SGD match torch.optim step by step (tests/fixtures/optim)", "[optim][fixtures]", float,
+                   double) {
+  using T = TestType;
+  constexpr std::size_t steps = 12, n = 16;
+  const std::string sfx = sizeof(T) == 4 ? "f32" : "f64";
+  const auto init = read_raw<T>("init." + sfx, n);
+  const auto grads = read_raw<T>("grads." + sfx, steps * n);
+  const auto cases = read_optim_manifest();
+  REQUIRE(cases.size() == 14);
+  for (const auto& c : cases) {
+    INFO(c.name << " (" << sfx << ")");
+    const std::vector<double> lrs =
+        c.lr == "schedule" ? read_raw<double>(c.name + ".lr.f64", steps) : std::vector<double>(steps, std::stod(c.lr));
+    const auto expected = read_raw<T>(c.name + "." + sfx, steps * n);
+    const auto norms = c.max_grad_norm > 0 ? read_raw<T>(c.name + ".norm." + sfx, steps) : std::vector<T>{};
+    const OptimRun run = run_optim_case<T>(c, init, grads, expected, lrs);
+    // Bits are expected while every operation is torch's: everywhere with an
+    // IEEE sqrt (SGD has none; the _ieee AdamW runs replace MKL's), and with
+    // clipping until torch's float reduction rounds the norm differently from
+    // ours (a double sum rounded once).
+    bool exact = c.sqrt != "torch";
+    for (std::size_t t = 0; t < steps; ++t) {
+      INFO("step " << t + 1);
+      if (!norms.empty()) {
+        // torch sums the squares in T, tensor by tensor: at most an ulp or two away.
+        CHECK(std::abs(run.norm[t] - double(norms[t])) <= 4 * std::numeric_limits<T>::epsilon() * run.norm[t]);
+        exact = exact && static_cast<T>(run.norm[t]) == norms[t];
+      }
+      if (exact) {
+        CHECK(run.identical[t]);
+      } else {
+        // Each step may round p differently once (an ulp of max(1, |p|)),
+        // through torch's 1-ulp-off sqrt or a clip factor an ulp apart.
+        const double ulp = std::numeric_limits<T>::epsilon() * std::max(1.0, run.max_abs_param[t]);
+        CHECK(run.max_diff[t] <= double(t + 1) * ulp);
+      }
+    }
+  }
+}
+
+TEST_CASE("a tensor added after some steps counts its own steps, as torch's per-parameter state", "[optim]") {
+  // torch keeps `step` (AdamW's bias correction) and the momentum buffer per
+  // parameter: a late tensor's first update is the first update of a fresh optimizer.
+  lora::RowMatrix<double> x(1, 3), gx(1, 3), y(1, 3), gy(1, 3), z(1, 3), gz(1, 3);
+  x << 0.5, -1.0, 2.0;
+  gx << 0.1, 0.2, -0.3;
+  y << 1.0, -0.5, 0.25;
+  gy << -0.7, 0.4, 0.9;
+  z = y;
+  gz = gy;
+  SECTION("AdamW") {
+    train::AdamW<double> opt({.lr = 0.1}), fresh({.lr = 0.1});
+    opt.add_tensor("x", x, gx);
+    opt.step();
+    opt.step();
+    opt.add_tensor("y", y, gy);
+    opt.step();
+    fresh.add_tensor("z", z, gz);
+    fresh.step();
+    CHECK(y == z);
+    CHECK(opt.parameters()[0].steps == 3);
+    CHECK(opt.parameters()[1].steps == 1);
+  }
+  SECTION("SGD with momentum") {
+    train::SGD<double> opt({.lr = 0.1, .momentum = 0.9, .nesterov = true}),
+        fresh({.lr = 0.1, .momentum = 0.9, .nesterov = true});
+    opt.add_tensor("x", x, gx);
+    opt.step();
+    opt.add_tensor("y", y, gy);
+    opt.step();
+    opt.step();
+    fresh.add_tensor("z", z, gz);
+    fresh.step();
+    fresh.step();
+    CHECK(y == z);
   }
 }
