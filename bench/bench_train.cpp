@@ -31,7 +31,7 @@ void BM_train_step(benchmark::State& state) {
   const Mat& Wl = layer.base_weight();
   using Layer = decltype(layer);
   train::Tape<Layer> tape;
-  train::Gradients<Layer> grads(layer);
+  train::Gradients<Layer> grads(layer, layer.has_bias());
 
   double step_s = 0, ref_s = 0;
   using clock = std::chrono::steady_clock;

@@ -214,7 +214,7 @@ TEST_CASE("blas: AdaptedLinear forward and backward through OpenBLAS match plain
 
   using Layer = decltype(layer);
   train::Tape<Layer> tape;
-  train::Gradients<Layer> grads(layer);
+  train::Gradients<Layer> grads(layer, layer.has_bias());
   train::forward(layer, X, Y, tape);
   const auto mid = calls();
   train::backward(layer, X, G, tape, grads, dX);

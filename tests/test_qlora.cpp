@@ -187,8 +187,8 @@ TEMPLATE_TEST_CASE_SIG("qlora backward: dX through deq(Wq), dA and dB as over th
       train::backward(l, X, G, tape, grads, dX);
     };
     RowMatrix<float> Y(sh.n, sh.out), Yd(sh.n, sh.out), dX(sh.n, sh.in), dXd(sh.n, sh.in);
-    train::Gradients<decltype(layer)> g(layer);
-    train::Gradients<decltype(twin)> gd(twin);
+    train::Gradients<decltype(layer)> g(layer, layer.has_bias());
+    train::Gradients<decltype(twin)> gd(twin, twin.has_bias());
     run(layer, Y, dX, g);
     run(twin, Yd, dXd, gd);
     CHECK(rel_diff(Y, Yd) < 1e-5);
@@ -213,7 +213,7 @@ TEST_CASE("qlora training: AdamW steps follow the dense twin; loss falls", "[qlo
   auto fit = [&](auto& l) {
     using Layer = std::remove_reference_t<decltype(l)>;
     train::Tape<Layer> tape;
-    train::Gradients<Layer> grads(l);
+    train::Gradients<Layer> grads(l, l.has_bias());
     train::AdamW<float> opt({.lr = 0.02});
     opt.add(l, grads);
     RowMatrix<float> Y(64, 32);
@@ -402,14 +402,14 @@ TEMPLATE_TEST_CASE("16-bit base: forward, backward, expressions against long-dou
       RowMatrix<float> G(n, out), dX(n, in), Yt(n, out);
       fill(G, 40 + n);
       train::Tape<decltype(layer)> tape;
-      train::Gradients<decltype(layer)> grads(layer);
+      train::Gradients<decltype(layer)> grads(layer, layer.has_bias());
       train::forward(layer, X, Yt, tape);
       CHECK((Yt - Y).cwiseAbs().maxCoeff() <= 4 * k * eps * float(mag.maxCoeff()));
       train::backward(layer, X, G, tape, grads, dX);
       const RowMatrix<float> W16f = W16.template cast<float>();
       lora::AdaptedLinear twin{W16f, b, delta};  // an fp32 layer holding exactly the 16-bit values
       train::Tape<decltype(twin)> ttape;
-      train::Gradients<decltype(twin)> tgrads(twin);
+      train::Gradients<decltype(twin)> tgrads(twin, twin.has_bias());
       RowMatrix<float> dXt(n, in), Ytt(n, out);
       train::forward(twin, X, Ytt, ttape);
       train::backward(twin, X, G, ttape, tgrads, dXt);

@@ -181,7 +181,7 @@ TEMPLATE_TEST_CASE_SIG("backward: dA, dB, dX, db against finite differences and 
   // Backward in the state under test.
   if (merged) REQUIRE(layer.merge());
   train::Tape<Layer> tape;
-  train::Gradients<Layer> grads(layer);
+  train::Gradients<Layer> grads(layer, layer.has_bias());
   lora::RowMatrix<T> Y(n, out), dX(n, in);
   train::forward(layer, X, Y, tape, drop, step);
   train::backward(layer, X, G, tape, grads, dX);
@@ -216,7 +216,7 @@ TEST_CASE("backward: B = 0 at init gives dA = 0 and dB != 0", "[backward]") {
   lora::AdaptedLinear layer{W, lora::LowRankDelta<float, 4>{16, 12, {.alpha = 8}}};
   layer.delta().init(lora::init::KaimingZero{}, 4);
   train::Tape<decltype(layer)> tape;
-  train::Gradients<decltype(layer)> grads(layer);
+  train::Gradients<decltype(layer)> grads(layer, layer.has_bias());
   train::forward(layer, X, Y, tape);
   train::backward(layer, X, G, tape, grads);
   CHECK(grads.dA().cwiseAbs().maxCoeff() == 0.0f);
@@ -231,7 +231,7 @@ TEST_CASE("backward: accumulation, dX accumulation, and a tape that stops alloca
   fill(X, 8);
   fill(G, 9);
   train::Tape<Layer> tape;
-  train::Gradients<Layer> once(layer), twice(layer);
+  train::Gradients<Layer> once(layer, layer.has_bias()), twice(layer, layer.has_bias());
   lora::RowMatrix<double> dX(8, 6), dX2 = lora::RowMatrix<double>::Ones(8, 6);
   train::forward(layer, X, Y, tape);
   train::backward(layer, X, G, tape, once, dX);
@@ -350,7 +350,7 @@ TEST_CASE("AdamW and SGD steps match hand-computed values", "[optim]") {
 TEST_CASE("LoRA+ ratio, global-norm clipping, non-finite gradients", "[optim]") {
   auto layer = make_layer<float, 2>(6, 5, 2, 11);
   using Layer = decltype(layer);
-  train::Gradients<Layer> grads(layer);
+  train::Gradients<Layer> grads(layer, layer.has_bias());
   grads.dA().setConstant(0.3f);  // ||g||^2 = 10 * 0.09 + 12 * 0.16 + 6 * 0.04 = 3.06
   grads.dB().setConstant(0.4f);
   grads.db().setConstant(0.2f);
@@ -412,7 +412,7 @@ TEST_CASE("backward rejects bad shapes with the function and the values", "[erro
   fill(X, 1);
   fill(G, 2);
   train::Tape<Layer> tape;
-  train::Gradients<Layer> grads(layer);
+  train::Gradients<Layer> grads(layer, layer.has_bias());
   CHECK_THROWS_WITH(train::backward(layer, X, G, tape, grads),
                     Catch::Contains("AdaptedLinear::backward: the tape is empty"));
   train::forward(layer, X, Y, tape);
@@ -455,7 +455,7 @@ TEST_CASE("memory accounting: known shapes and the LoRA paper's GPT-3 175B arith
   }
   SECTION("a real layer gives its shape's figures; the optimizer holds what is counted") {
     auto layer = make_layer<float, 4>(48, 32, 4, 31);
-    train::Gradients<decltype(layer)> grads(layer);
+    train::Gradients<decltype(layer)> grads(layer, layer.has_bias());
     train::AdamW<float> opt;
     opt.add(layer, grads);
     const auto m = train::memory_usage(layer, {}, /*train_bias=*/true);
@@ -511,7 +511,7 @@ run_result tiny_training_run(double p, int steps) {
   layer.delta().init(lora::init::KaimingZero{}, 5);
   using Layer = decltype(layer);
   train::Tape<Layer> tape;
-  train::Gradients<Layer> grads(layer);
+  train::Gradients<Layer> grads(layer, layer.has_bias());
   train::AdamW<float> opt({.lr = 0.05, .weight_decay = 0.0});
   opt.add(layer, grads);
   const train::Dropout drop(p, 6);
@@ -636,8 +636,8 @@ TEST_CASE("Adapter concept: a frozen-A (LoRA-FA) delta trains through AdaptedLin
     const train::Dropout drop{p, 99};
     train::Tape<Layer> tape;
     train::Tape<Twin> ttape;
-    train::Gradients<Layer> grads(layer);
-    train::Gradients<Twin> tgrads(twin);
+    train::Gradients<Layer> grads(layer, layer.has_bias());
+    train::Gradients<Twin> tgrads(twin, twin.has_bias());
     static_assert(!has_dA<train::Gradients<Layer>> && has_dA<train::Gradients<Twin>>, "a frozen A has no gradient");
     lora::RowMatrix<double> Yf(n, out), Ytf(n, out), dX(n, in), dXt(n, in);
     train::forward(layer, X, Yf, tape, drop, 3);
@@ -794,7 +794,7 @@ TEST_CASE("a factor or bias resized through its accessor is caught by every entr
     breaker(layer);
     CHECK_THROWS_AS(layer.forward(X), lora::ShapeError);
     CHECK_THROWS_AS(train::forward(layer, X, Y, tape), lora::ShapeError);
-    train::Gradients<InvLayer> grads(invariant_layer());
+    train::Gradients<InvLayer> grads(invariant_layer(), true);
     CHECK_THROWS_AS(train::backward(layer, X, G, tape, grads, dX), lora::ShapeError);
     CHECK_THROWS_AS(layer.merge(), lora::ShapeError);
     CHECK_THROWS_AS(layer.safe_merge(), lora::ShapeError);
@@ -813,7 +813,7 @@ TEST_CASE("optimizers detect replaced gradient storage, double registration and 
   using M = lora::RowMatrix<float>;
   const M X = M::Random(4, 9), G = M::Random(4, 12);
   InvLayer layer = invariant_layer();
-  train::Gradients<InvLayer> grads(layer);
+  train::Gradients<InvLayer> grads(layer, layer.has_bias());
   train::Tape<InvLayer> tape;
   M Y(4, 12);
   train::forward(layer, X, Y, tape);
@@ -1037,4 +1037,21 @@ TEST_CASE("a tensor added after some steps counts its own steps, as torch's per-
     fresh.step();
     CHECK(y == z);
   }
+}
+
+TEST_CASE("the bias is frozen unless asked for, in gradients and memory accounting alike", "[memory]") {
+  using M = lora::RowMatrix<float>;
+  lora::AdaptedLinear layer{M(M::Random(8, 6)), Eigen::VectorXf::Random(8), lora::LowRankDelta<float>{8, 6, 2}};
+  using L = decltype(layer);
+  train::Gradients<L> frozen(layer), trained(layer, true);
+  CHECK_FALSE(frozen.has_bias());
+  CHECK(trained.has_bias());
+  CHECK(trained.db().rows() == 8);
+  // The same default on both sides: the bias counts as frozen, 8 (out) more trainable when it trains.
+  const auto m = train::memory_usage(layer), mb = train::memory_usage(layer, {}, true);
+  CHECK(m.trainable_parameters == 2u * (8 + 6));
+  CHECK(mb.trainable_parameters == m.trainable_parameters + 8);
+  train::SGD<float> opt;
+  opt.add(layer, frozen);
+  CHECK(opt.parameter_elements() == 2 * (8 + 6));  // A and B, no bias
 }

@@ -198,7 +198,7 @@ TEMPLATE_TEST_CASE("thrust 16-bit base backward: dX through float(W16), dA, dB, 
         DL bad(lora::to_device(wrong), dev.delta());
         lora::DeviceMatrix<float> dXbad(n, in);
         lora::train::Tape<DL> btape;
-        lora::train::Gradients<DL> bgrads(bad);
+        lora::train::Gradients<DL> bgrads(bad, bad.has_bias());
         lora::DeviceMatrix<float> Ybad(n, kOut);
         lora::train::forward(bad, Xd, Ybad, btape);
         lora::train::backward(bad, Xd, Gd, btape, bgrads, dXbad);

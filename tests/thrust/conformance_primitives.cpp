@@ -234,7 +234,7 @@ TEMPLATE_TEST_CASE("training step (dropout, backward, AdamW) equals the referenc
   const T s = dev.delta().scale();
 
   lora::train::Tape<DL> dtape;
-  lora::train::Gradients<DL> dgrads(dev);
+  lora::train::Gradients<DL> dgrads(dev, dev.has_bias());
   const lora::train::AdamWOptions options{.lr = 1e-2, .weight_decay = 0.01};
   lora::train::AdamW<T, BK> dopt(options);
   dopt.add(dev, dgrads, "device");
@@ -245,7 +245,7 @@ TEMPLATE_TEST_CASE("training step (dropout, backward, AdamW) equals the referenc
   // The whole trajectory also against the Eigen backend's.
   using HL = decltype(host);
   lora::train::Tape<HL> htape;
-  lora::train::Gradients<HL> hgrads(host);
+  lora::train::Gradients<HL> hgrads(host, host.has_bias());
   lora::train::AdamW<T> hopt(options);
   hopt.add(host, hgrads, "host");
   Host<T> Yh(n, out), dXh(n, in);

@@ -146,7 +146,7 @@ TEMPLATE_TEST_CASE_SIG("qlora backward: dX through deq(W), dA, dB, db equal the 
     const auto Xd = on_backend(X), Gd = on_backend(G);
     const lora::train::Dropout drop(p, 9);
     lora::train::Tape<DL> dtape;
-    lora::train::Gradients<DL> dgrads(dev);
+    lora::train::Gradients<DL> dgrads(dev, dev.has_bias());
     BMatrix<float> Yd(sh.n, sh.out), dXd(sh.n, sh.in);
     lora::train::forward(dev, Xd, Yd, dtape, drop, 2);
     lora::train::backward(dev, Xd, Gd, dtape, dgrads, dXd);

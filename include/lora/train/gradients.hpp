@@ -43,10 +43,10 @@ class Gradients {
   using adapter_gradients = typename Layer::delta_type::gradients;
   using bias_type = typename Layer::bias_type;  // (out)
 
-  /// Zero-filled gradients shaped like the layer's adapter. `train_bias`
-  /// (default: whether the layer has a bias) adds db.
-  explicit Gradients(const Layer& layer) : Gradients(layer, layer.has_bias()) {}
-  Gradients(const Layer& layer, bool train_bias) : adapter_(layer.delta().make_gradients()) {
+  /// Zero-filled gradients shaped like the layer's adapter. `train_bias` adds
+  /// db; off by default, as PEFT's bias = "none" and as train::memory_usage
+  /// assumes (one default for both: a trained bias is always asked for).
+  explicit Gradients(const Layer& layer, bool train_bias = false) : adapter_(layer.delta().make_gradients()) {
     if (train_bias && !layer.has_bias())
       lora::detail::raise<ValueError>("train::Gradients: train_bias requested but the layer has no bias");
     if (train_bias) backend::resize(dbias_, layer.out_features(), 1);
