@@ -12,7 +12,11 @@ dequantize_blockwise(q8, absmax2) + offset, then dequantize_4bit.
 Generated with bitsandbytes 0.50.2 and torch 2.15.0 (CPU). For each case the
 public API (functional.quantize_4bit / dequantize_4bit, which on CPU routes the
 8-bit step and the dequantisation through the native CPU library) is run too,
-and its agreement is written to the manifest.
+and its agreement is written to the manifest. Where the two disagree on the
+stored bytes (a double-quantised group whose scales are all equal: the
+reference stores the map's 0, code 127, the native CPU library code 0 with
+absmax2 0), a case can take its bytes from the public API instead (source
+"api" in the manifest); a checkpoint saved by bitsandbytes holds those.
 
 Usage (in a throwaway virtualenv, not in the repository):
     python -m venv /tmp/bnbenv && /tmp/bnbenv/bin/pip install bitsandbytes torch
@@ -27,9 +31,12 @@ Format (all little-endian, raw, no header), per case NAME:
     NAME.offset.f32   one float32, mean of the block absmax (double-quant cases)
     NAME.map8.f32     the 256-entry map used               (double-quant cases)
     NAME.out.f32      rows*cols float32 dequantised by the reference backend
-manifest.txt: one line per case: NAME ROWS COLS BLOCK_SIZE DQ(0/1) MAP, where
-MAP is "bnb" (bitsandbytes' create_dynamic_map on this torch), "tsv"
-(data/bnb_dynamic_map_signed.tsv) or "-"; '#' lines are comments.
+manifest.txt: one line per case: NAME ROWS COLS BLOCK_SIZE DQ(0/1) MAP AGREES
+SOURCE, where MAP is "bnb" (bitsandbytes' create_dynamic_map on this torch),
+"tsv" (data/bnb_dynamic_map_signed.tsv) or "-"; AGREES says whether the public
+API and the reference backend give the same bytes; SOURCE is "ref" (the bytes
+come from the reference backend) or "api" (from the public API); '#' lines are
+comments.
 """
 import importlib.util
 import os
@@ -102,6 +109,18 @@ def reference(A, blocksize, dq, code8):
     return res
 
 
+def public_api(A, blocksize, dq):
+    """Quantise and dequantise A with functional.quantize_4bit / dequantize_4bit."""
+    q, st = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=dq, quant_type="nf4")
+    res = {"packed": q.reshape(-1)}
+    if dq:
+        res.update(q8=st.absmax, absmax2=st.state2.absmax, offset=st.offset.reshape(1), map8=st.state2.code)
+    else:
+        res["absmax"] = st.absmax
+    res["out"] = F.dequantize_4bit(q, st)
+    return res
+
+
 def public_api_agrees(A, blocksize, dq, res):
     """Does functional.quantize_4bit / dequantize_4bit give the same bytes?"""
     q, st = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=dq, quant_type="nf4")
@@ -147,7 +166,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     gen = torch.Generator().manual_seed(20240607)
     bnb_map = F.create_dynamic_map(signed=True).float()
-    cases = []  # (name, A, blocksize, dq, map name)
+    cases = []  # (name, A, blocksize, dq, map name[, source])
 
     probes = threshold_probes()
     fill = torch.linspace(-0.9, 0.9, 64 - probes.numel())
@@ -180,15 +199,31 @@ def main():
     cases.append(("dq_65x130_b32", weights(gen, 65, 130), 32, True, "bnb"))  # 265 blocks: 2 groups
     cases.append(("dq_9x257_b64_tsv", weights(gen, 9, 257), 64, True, "tsv"))  # 37 blocks, odd length
 
+    # A partial last block whose absmax (2.5e-39) is below 1e-38: bitsandbytes
+    # divides by 1e-38 and stores 1e-38 for that block, so code * absmax is the value.
+    sub = torch.linspace(-0.5, 0.5, 80)
+    sub[64:] = torch.tensor([2.5e-39, -1e-39, 5e-40, 0.0] * 4)
+    cases.append(("sub_tail", sub.reshape(1, 80), 64, False, "-"))
+    # Every block absmax equal (0.5): one group of spread 0. The reference backend
+    # stores code 127 and absmax2 1e-38, the public API (native CPU library) code 0
+    # and absmax2 0; the fixture holds the public API's bytes.
+    flat = torch.tensor([0.5, -0.25] * 32).repeat(4, 1)
+    cases.append(("dq_flat_4x64_b64", flat, 64, True, "bnb", "api"))
+
     lines = [
-        "# NF4 fixtures from bitsandbytes %s reference backend, torch %s; see scripts/gen_nf4_fixtures.py"
+        "# NF4 fixtures from bitsandbytes %s (reference backend; public API where source = api), torch %s;"
+        " see scripts/gen_nf4_fixtures.py"
         % (bitsandbytes.__version__, torch.__version__.split("+")[0]),
-        "# name rows cols block_size double_quant map public_api_agrees",
+        "# name rows cols block_size double_quant map public_api_agrees source",
     ]
-    for name, A, bs, dq, map_name in cases:
+    for name, A, bs, dq, map_name, *rest in cases:
+        source = rest[0] if rest else "ref"
         A = A.contiguous().float()
         code8 = {"bnb": bnb_map, "tsv": tsv_map(), "-": None}[map_name]
         res = reference(A, bs, dq, code8)
+        agrees = public_api_agrees(A, bs, dq, res) if map_name != "tsv" else "n/a"
+        if source == "api":
+            res = public_api(A, bs, dq)
         write(name, "in.f32", A, np.float32)
         write(name, "packed.u8", res["packed"], np.uint8)
         write(name, "out.f32", res["out"], np.float32)
@@ -199,8 +234,7 @@ def main():
             write(name, "map8.f32", res["map8"], np.float32)
         else:
             write(name, "absmax.f32", res["absmax"], np.float32)
-        agrees = public_api_agrees(A, bs, dq, res) if map_name != "tsv" else "n/a"
-        lines.append(f"{name} {A.shape[0]} {A.shape[1]} {bs} {int(dq)} {map_name} {agrees}")
+        lines.append(f"{name} {A.shape[0]} {A.shape[1]} {bs} {int(dq)} {map_name} {agrees} {source}")
     with open(os.path.join(OUT, "manifest.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -321,8 +321,12 @@ class NF4Matrix {
       const index_t len = std::min(bs, n - begin);
       const float* xb = x + begin;
       const float amax = abs_max(xb, len);
-      absmax[b] = amax;
       const float a = std::max(amax, nf4::min_absmax);
+      // A full block stores its absmax as is (bitsandbytes does, even when it
+      // is below 1e-38); the partial last block stores the divisor a, as
+      // bitsandbytes does, so that code * absmax is what was normalised. An
+      // all-zero partial block still stores 0 (docs/nf4.md, divergences).
+      absmax[b] = len == bs || amax == 0.0f ? amax : a;
       // Normalised values, then codes as 15 passes of "count the thresholds
       // exceeded" (same rule as nf4::encode): simple loops that vectorise.
       float v[nf4::max_block_size];
@@ -385,6 +389,11 @@ class NF4Matrix {
         amax = std::max(amax, std::fabs(s[std::size_t(j)]));
       }
       absmax2_[std::size_t(g)] = amax;
+      // A group whose scales all equal the offset (spread 0) stores code 0 and
+      // absmax2 0, as bitsandbytes' native quantize_blockwise does (its
+      // PyTorch reference backend would store 127, the map's 0). Both decode
+      // to the offset: map8[0] * 0 + offset.
+      if (amax == 0.0f) continue;  // q8_ is already 0
       const float a = std::max(amax, nf4::min_absmax);
       const float inv = 1.0f / a;
       const bool full = len == nf4::scale_group_size;
