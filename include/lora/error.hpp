@@ -89,5 +89,9 @@ I checked_add(const char* where, I a, I b) {
 inline void check_finite_parameter(const char* where, const char* name, double v) {
   if (!(v - v == 0.0)) raise<ValueError>(where, ": ", name, " = ", v, " is not finite");
 }
+/// The same, and v >= 0 (rates, bounds, byte sizes).
+inline void check_non_negative_parameter(const char* where, const char* name, double v) {
+  if (!(v >= 0.0 && v - v == 0.0)) raise<ValueError>(where, ": ", name, " = ", v, " must be finite and >= 0");
+}
 }  // namespace detail
 }  // namespace lora

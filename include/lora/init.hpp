@@ -57,8 +57,7 @@ struct UniformBoth {
   template <LowRankFactors Delta>  // a pair A [r, in], B [out, r] (adapter.hpp)
   void initialize(Delta& d, std::uint64_t seed) const {
     using B = typename Delta::backend;
-    if (!(bound >= 0.0 && bound - bound == 0.0))
-      lora::detail::raise<ValueError>("init::UniformBoth: bound = ", bound, " must be finite and >= 0");
+    lora::detail::check_non_negative_parameter("init::UniformBoth", "bound", bound);
     BackendOps<B>::fill_random(d.A(), UniformDist{-bound, bound}, seed, stream_A);
     BackendOps<B>::fill_random(d.B(), UniformDist{-bound, bound}, seed, stream_B);
   }

@@ -86,11 +86,13 @@ NF4MergeResult merge_to_nf4(const AdaptedLinear<NF4Matrix, Delta>& layer, std::o
   const NF4Matrix& base = layer.base_weight();
   const NF4Options opt = options ? *options : NF4Options{base.block_size(), base.double_quantized(), base.map8()};
   const NF4Matrix::dense_matrix exact = merged_weight(layer);
-  for (index_t i = 0; i < exact.rows(); ++i)  // named here, not by the quantiser it calls
-    for (index_t j = 0; j < exact.cols(); ++j)
-      if (!std::isfinite(exact(i, j)))
-        detail::raise<NumericError>("lora::merge_to_nf4: W + s*B*A is ", exact(i, j), " at row ", i, ", column ",
-                                     j, "; nothing was quantised");
+  // Named here, not by the quantiser it calls; one vectorised pass, then the
+  // position only when there is something to report.
+  if (!exact.allFinite()) {
+    const index_t bad = EigenBackend::first_non_finite(exact.data(), exact.size());
+    detail::raise<NumericError>("lora::merge_to_nf4: W + s*B*A is ", exact.data()[bad], " at row ",
+                                 bad / exact.cols(), ", column ", bad % exact.cols(), "; nothing was quantised");
+  }
   NF4MergeResult r;
   r.weight = NF4Matrix::quantize(exact, opt);
   detail::measure_merge_error(r, exact, [&](index_t i, float* out) { r.weight.dequantize_rows(i, 1, out); });

@@ -96,8 +96,7 @@ inline MemoryReport account(std::uint64_t frozen, std::uint64_t trainable, std::
   const Precision& b = o.bytes;
   for (const auto& [name, v] : {std::pair{"bytes.frozen", b.frozen}, {"bytes.trainable", b.trainable},
                                 {"bytes.gradient", b.gradient}, {"bytes.state", b.state}})
-    if (!(v >= 0.0 && v - v == 0.0))
-      lora::detail::raise<ValueError>("train::memory_usage: ", name, " = ", v, " must be finite and >= 0");
+    lora::detail::check_non_negative_parameter("train::memory_usage", name, v);
   const double states = o.optimizer_states;
   MemoryReport r;
   r.frozen_parameters = frozen;

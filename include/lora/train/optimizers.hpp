@@ -304,8 +304,7 @@ class SGD : public detail::OptimizerBase<T, Backend> {
   const SGDOptions& options() const { return o_; }
   /// Learning-rate schedules set the rate between steps.
   void set_lr(double lr) {
-    if (!(lr >= 0.0 && lr - lr == 0.0))
-      lora::detail::raise<ValueError>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be finite and >= 0");
+    lora::detail::check_non_negative_parameter((std::string(this->optimizer_name_) + "::set_lr").c_str(), "lr", lr);
     o_.lr = lr;
   }
 
@@ -355,8 +354,7 @@ class AdamW : public detail::OptimizerBase<T, Backend> {
   const AdamWOptions& options() const { return o_; }
   /// Learning-rate schedules set the rate between steps.
   void set_lr(double lr) {
-    if (!(lr >= 0.0 && lr - lr == 0.0))
-      lora::detail::raise<ValueError>(this->optimizer_name_, "::set_lr: lr = ", lr, " must be finite and >= 0");
+    lora::detail::check_non_negative_parameter((std::string(this->optimizer_name_) + "::set_lr").c_str(), "lr", lr);
     o_.lr = lr;
   }
 
