@@ -10,13 +10,16 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <limits>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -33,6 +36,7 @@ namespace {
 using lora::index_t;
 using lora::NF4Matrix;
 using Dense = NF4Matrix::dense_matrix;
+using lora::NF4Options;
 
 std::uint32_t bits_of(float f) { return std::bit_cast<std::uint32_t>(f); }
 
@@ -682,4 +686,322 @@ TEST_CASE("NF4: sizes and ranges that overflow index_t are refused, not wrapped"
   CHECK_THROWS_AS(q.dequantize_rows(1, max, out.data()), lora::ShapeError);
   q.dequantize_range(64, 64, out.data());
   CHECK(out[63] == q.coeff(1, 63));
+}
+
+// ---------------------------------------------------------------------------
+// The 8-bit rule of bitsandbytes' native CPU quantiser (ScaleRounding::bitsandbytes_native).
+
+TEST_CASE("dynamic map: the native CPU rule snaps to 65536 bins, then takes the nearest code", "[nf4][dq]") {
+  namespace dm = lora::dynamic_map;
+  CHECK(dm::native_bin(-1.0f) == 0);
+  CHECK(dm::native_bin(1.0f) == 65535);
+  CHECK(dm::native_bin(-7.0f) == 0);  // clamped
+  CHECK(dm::native_bin(std::numeric_limits<float>::infinity()) == 65535);
+  CHECK(dm::native_bin(std::numeric_limits<float>::quiet_NaN()) == 0);  // 0 * inf in bitsandbytes
+  CHECK(dm::native_bin(0.0f) == 32768);  // fma(0.5, 65535, 0.5) = 32768 exactly
+  CHECK(dm::native_bin_centre(0) == -1.0f);
+  CHECK(dm::native_bin_centre(65535) == 1.0f);
+  CHECK(bits_of(dm::native_bin_centre(32768)) == bits_of(65536.0f / 65535.0f - 1.0f));
+  // v = 0 is code 127 (the map's 0) when rounded to nearest, but its bin's centre
+  // 1.5259e-5 is nearest to the map's 2.1e-5 (code 131): a scale equal to the
+  // offset moves by 2.1e-5 * absmax2 under the native rule.
+  CHECK(dm::encode(0.0f, dm::signed_thresholds) == 127);
+  CHECK(dm::encode_native(0.0f, dm::signed_thresholds) == 131);
+  CHECK(dm::encode_native(-1.0f, dm::signed_thresholds) == 0);
+  CHECK(dm::encode_native(1.0f, dm::signed_thresholds) == 255);
+  // Away from 0 the two agree except near a midpoint: every code's own value maps to itself.
+  int same = 0;
+  for (int k = 0; k < dm::size; ++k) same += dm::encode_native(dm::signed_values[k], dm::signed_thresholds) == k;
+  CHECK(same >= 240);
+  // Never more than 2 / 65535 farther from v than the nearest code (bin half-width 1 / 65535).
+  Rng r(7);
+  for (int i = 0; i < 200000; ++i) {
+    const float v = r.uniform(-1.0f, 1.0f) * (i % 2 ? 1.0f : 1e-3f);
+    const double near = std::fabs(double(dm::signed_values[dm::encode(v, dm::signed_thresholds)]) - v);
+    const double nat = std::fabs(double(dm::signed_values[dm::encode_native(v, dm::signed_thresholds)]) - v);
+    INFO("v " << v);
+    REQUIRE(nat >= near);
+    REQUIRE(nat - near <= 2.0 / 65535 + 1e-7);
+  }
+}
+
+namespace {
+
+// One line of tests/fixtures/nf4/adv/manifest.txt (format in its header).
+struct AdvCase {
+  std::string name;
+  index_t rows = 0, cols = 0, bs = 0;
+  int plain = 0, dq = 0;
+  std::string api_plain, api_dq, q8_diffs, note;
+  bool has_note(const std::string& key) const { return note.find(key) != std::string::npos; }
+};
+
+std::vector<AdvCase> read_adv_manifest(const std::string& dir) {
+  std::ifstream in(dir + "manifest.txt");
+  REQUIRE(in.good());
+  std::vector<AdvCase> out;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream f(line);
+    AdvCase c;
+    f >> c.name >> c.rows >> c.cols >> c.bs >> c.plain >> c.dq >> c.api_plain >> c.api_dq >> c.q8_diffs >> c.note;
+    REQUIRE(!f.fail());
+    out.push_back(c);
+  }
+  return out;
+}
+
+// "3,7,12" -> {3, 7, 12}; "none" / "-" -> {}.
+std::vector<std::size_t> parse_indices(const std::string& list) {
+  std::vector<std::size_t> out;
+  if (list == "none" || list == "-") return out;
+  std::istringstream f(list);
+  std::string item;
+  while (std::getline(f, item, ',')) out.push_back(std::stoul(item));
+  return out;
+}
+
+// Groups of spread 0, from the note "flat_groups=0,2".
+std::vector<std::size_t> flat_groups_of(const AdvCase& c) {
+  const auto at = c.note.find("flat_groups=");
+  if (at == std::string::npos) return {};
+  const std::string rest = c.note.substr(at + 12);
+  return parse_indices(rest.substr(0, rest.find(';')));
+}
+
+// The public API's file for a key where it differs, else the reference backend's.
+template <class T>
+std::vector<T> read_api(const std::string& dir, const std::string& name, const std::string& key) {
+  const std::string api = dir + name + ".api." + key;
+  return read_raw<T>(std::filesystem::exists(api) ? api : dir + name + "." + key);
+}
+
+void require_same_bits(const std::vector<float>& ours, const std::vector<float>& theirs, const char* what) {
+  REQUIRE(ours.size() == theirs.size());
+  for (std::size_t i = 0; i < ours.size(); ++i) {
+    INFO(what << " element " << i << ": ours " << ours[i] << ", bitsandbytes " << theirs[i]);
+    REQUIRE(bits_of(ours[i]) == bits_of(theirs[i]));
+  }
+}
+
+std::vector<float> dequantized(const NF4Matrix& q) {
+  std::vector<float> out(std::size_t(q.size()));
+  q.dequantize(out.data());
+  return out;
+}
+
+}  // namespace
+
+// Thresholds (exact after a power-of-two absmax) and one ulp either side, every block
+// size, zero and -0.0 blocks, FLT_MAX and 1e30, subnormal blocks, equal-absmax and
+// spread-0 groups, odd lengths, and scales crafted to round differently under the
+// native rule; with and without double quantisation (scripts/gen_nf4_fixtures.py).
+TEST_CASE("nf4: adversarial fixtures match bitsandbytes' bytes (tests/fixtures/nf4/adv)", "[nf4][fixtures][adv]") {
+  const std::string dir = std::string(LORA_TEST_FIXTURE_DIR) + "/nf4/adv/";
+  const auto cases = read_adv_manifest(dir);
+  const auto map8 = read_raw<float>(dir + "map8.f32");
+  REQUIRE(map8.size() == 256);
+  int plain_cases = 0, dq_cases = 0, native_diffs = 0, exact_offsets = 0, finite_overflows = 0;
+  long max_offset_ulps = 0;
+  std::set<index_t> block_sizes;
+  for (const AdvCase& c : cases) {
+    INFO("fixture " << c.name);
+    const auto input = read_raw<float>(dir + c.name + ".in.f32");
+    const auto packed = read_raw<std::uint8_t>(dir + c.name + ".packed.u8");
+    REQUIRE(index_t(input.size()) == c.rows * c.cols);
+    block_sizes.insert(c.bs);
+    // The unquantised absmax (lora's own), for the zero-tail divergence and the bound below.
+    const NF4Matrix plain = NF4Matrix::quantize(input.data(), c.rows, c.cols, {.block_size = c.bs});
+    REQUIRE(plain.packed().size() == packed.size());
+    for (std::size_t i = 0; i < packed.size(); ++i) {
+      INFO("byte " << i);
+      REQUIRE(plain.packed()[i] == packed[i]);
+    }
+    // Blocks where lora's absmax differs from bitsandbytes': only an all-zero partial last
+    // block (bitsandbytes stores 1e-38, lora 0), documented; their elements dequantise to
+    // zero either way, perhaps -0.0 there.
+    std::vector<bool> zero_tail_block(std::size_t(plain.num_blocks()), false);
+    if (c.has_note("zero_tail")) zero_tail_block.back() = true;
+    const auto in_zero_tail = [&](std::size_t i) { return zero_tail_block[i / std::size_t(c.bs)]; };
+    const auto require_out = [&](const std::vector<float>& ours, const std::vector<float>& theirs, const char* what) {
+      REQUIRE(ours.size() == theirs.size());
+      for (std::size_t i = 0; i < ours.size(); ++i) {
+        INFO(what << " element " << i << ": ours " << ours[i] << ", bitsandbytes " << theirs[i]);
+        if (in_zero_tail(i)) {
+          REQUIRE(ours[i] == 0.0f);
+          REQUIRE(theirs[i] == 0.0f);
+        } else {
+          REQUIRE(bits_of(ours[i]) == bits_of(theirs[i]));
+        }
+      }
+    };
+
+    if (c.plain) {
+      ++plain_cases;
+      CHECK(c.api_plain == "same");  // the public API stores the reference backend's bytes
+      const auto absmax = read_raw<float>(dir + c.name + ".absmax.f32");
+      const auto out = read_raw<float>(dir + c.name + ".out.f32");
+      REQUIRE(absmax.size() == plain.absmax().size());
+      for (std::size_t b = 0; b < absmax.size(); ++b) {
+        INFO("block " << b);
+        if (zero_tail_block[b]) {
+          CHECK(plain.absmax()[b] == 0.0f);
+          CHECK(absmax[b] == 1e-38f);
+        } else {
+          CHECK(bits_of(plain.absmax()[b]) == bits_of(absmax[b]));
+        }
+      }
+      require_out(dequantized(plain), out, "plain");
+      require_same_bits(dequantized(NF4Matrix::from_parts(c.rows, c.cols, c.bs, packed, absmax)), out, "plain parts");
+    }
+    if (!c.dq) continue;
+    ++dq_cases;
+    const auto offset = read_raw<float>(dir + c.name + ".dq.offset.f32");
+    REQUIRE(offset.size() == 1);
+    const auto q8_ref = read_raw<std::uint8_t>(dir + c.name + ".dq.q8.u8");
+    const auto a2_ref = read_raw<float>(dir + c.name + ".dq.absmax2.f32");
+    const auto out_ref = read_raw<float>(dir + c.name + ".dq.out.f32");
+    const auto q8_api = read_api<std::uint8_t>(dir, c.name, "dq.q8.u8");
+    const auto a2_api = read_api<float>(dir, c.name, "dq.absmax2.f32");
+    const auto out_api = read_api<float>(dir, c.name, "dq.out.f32");
+    REQUIRE(q8_ref.size() == std::size_t(plain.num_blocks()));
+    REQUIRE(q8_api.size() == q8_ref.size());
+    if (c.has_note("sum_overflow")) {
+      // torch's fp32 sum of the block maxima overflows: bitsandbytes' offset is inf and its
+      // scales NaN; lora takes the mean in double and stays finite, or, where a scale would
+      // decode past FLT_MAX, throws a ValueError; it refuses bitsandbytes' offset.
+      CHECK(std::isinf(offset[0]));
+      CHECK(std::any_of(out_ref.begin(), out_ref.end(), [](float v) { return std::isnan(v); }));
+      CHECK(std::any_of(out_api.begin(), out_api.end(), [](float v) { return std::isnan(v); }));
+      const NF4Options opt{.block_size = c.bs, .double_quant = true, .map8 = map8};
+      if (c.has_note("scale_overflow")) {
+        CHECK_THROWS_WITH(NF4Matrix::quantize(input.data(), c.rows, c.cols, opt),
+                          Catch::Contains("absmax2[0] = ") && Catch::Contains("beyond the float range"));
+      } else {
+        const NF4Matrix own = NF4Matrix::quantize(input.data(), c.rows, c.cols, opt);
+        CHECK(std::isfinite(own.absmax_offset()));
+        for (float v : dequantized(own)) REQUIRE(std::isfinite(v));
+        ++finite_overflows;
+      }
+      CHECK_THROWS_AS(NF4Matrix::quantize(input.data(), c.rows, c.cols,
+                                          {.block_size = c.bs, .double_quant = true, .map8 = map8,
+                                           .absmax_offset = offset[0]}),
+                      lora::ValueError);
+      continue;
+    }
+    const NF4Matrix own = NF4Matrix::quantize(input.data(), c.rows, c.cols,
+                                              {.block_size = c.bs, .double_quant = true, .map8 = map8});
+    if (!c.has_note("zero_tail")) {
+      // torch's fp32 cascade sum is not correctly rounded: up to 2 ulps here (dq_native_b32).
+      const long ulps = std::labs(long(bits_of(own.absmax_offset())) - long(bits_of(offset[0])));
+      CHECK(ulps <= 2);
+      exact_offsets += ulps == 0;
+      max_offset_ulps = std::max(max_offset_ulps, ulps);
+    }
+    // Indices whose absmax lora stores differently (zero tail): their s = absmax - offset
+    // differs, so their 8-bit code may too.
+    const auto differs_by_absmax = [&](std::size_t b) { return zero_tail_block[b]; };
+    const auto flat = flat_groups_of(c);
+    const auto is_flat = [&](std::size_t b) { return std::find(flat.begin(), flat.end(), b / 256) != flat.end(); };
+
+    // Default rounding (nearest): the reference backend's bytes, except spread-0 groups
+    // (codes 0 and absmax2 0, the public API's bytes there).
+    const NF4Matrix qn = NF4Matrix::quantize(input.data(), c.rows, c.cols,
+                                             {.block_size = c.bs, .double_quant = true, .map8 = map8,
+                                              .absmax_offset = offset[0]});
+    for (std::size_t b = 0; b < q8_ref.size(); ++b) {
+      INFO("nearest, scale code " << b);
+      if (differs_by_absmax(b)) continue;
+      if (is_flat(b)) {
+        REQUIRE(q8_ref[b] == 127u);
+        REQUIRE(qn.absmax_q8()[b] == 0u);
+        REQUIRE(q8_api[b] == 0u);
+      } else {
+        REQUIRE(qn.absmax_q8()[b] == q8_ref[b]);
+      }
+    }
+    REQUIRE(qn.absmax2().size() == a2_ref.size());
+    for (std::size_t g = 0; g < a2_ref.size(); ++g) {
+      INFO("nearest, absmax2 " << g);
+      const bool is_partial = g + 1 == a2_ref.size() && q8_ref.size() % 256 != 0;
+      if (std::find(flat.begin(), flat.end(), g) != flat.end()) {
+        CHECK(bits_of(qn.absmax2()[g]) == 0u);
+        CHECK(a2_ref[g] == (is_partial ? 1e-38f : 0.0f));
+        CHECK(bits_of(a2_api[g]) == 0u);
+      } else {
+        CHECK(bits_of(qn.absmax2()[g]) == bits_of(a2_ref[g]));
+      }
+    }
+    require_out(dequantized(qn), out_ref, "nearest");
+    require_out(dequantized(NF4Matrix::from_parts(c.rows, c.cols, c.bs, packed, q8_ref, a2_ref, offset[0], map8)),
+                out_ref, "reference parts");
+
+    // ScaleRounding::bitsandbytes_native: the public API's bytes, every code.
+    const NF4Matrix qa = NF4Matrix::quantize(
+        input.data(), c.rows, c.cols,
+        {.block_size = c.bs, .double_quant = true, .map8 = map8, .absmax_offset = offset[0],
+         .scale_rounding = lora::ScaleRounding::bitsandbytes_native});
+    for (std::size_t b = 0; b < q8_api.size(); ++b) {
+      INFO("native, scale code " << b);
+      if (!differs_by_absmax(b)) REQUIRE(qa.absmax_q8()[b] == q8_api[b]);
+    }
+    for (std::size_t g = 0; g < a2_api.size(); ++g) {
+      INFO("native, absmax2 " << g);
+      CHECK(bits_of(qa.absmax2()[g]) == bits_of(a2_api[g]));
+    }
+    require_out(dequantized(qa), out_api, "native");
+    require_out(dequantized(NF4Matrix::from_parts(c.rows, c.cols, c.bs, packed, q8_api, a2_api, offset[0], map8)),
+                out_api, "public API parts");
+
+    // The documented difference: the listed indices, and only those, differ between the
+    // reference backend and the public API outside spread-0 groups; where absmax2 is a
+    // normal float the native code is never nearer, and at most 2 / 65535 (of absmax2) farther.
+    std::vector<std::size_t> diffs;
+    for (std::size_t b = 0; b < q8_ref.size(); ++b)
+      if (q8_ref[b] != q8_api[b] && !is_flat(b)) diffs.push_back(b);
+    CHECK(diffs == parse_indices(c.q8_diffs));
+    for (std::size_t b : diffs) {
+      const std::size_t g = b / 256;
+      if (differs_by_absmax(b) || !(a2_ref[g] >= 1e-38f) || a2_ref[g] != a2_api[g]) continue;
+      const bool full = (g + 1) * 256 <= q8_ref.size();
+      const float s = plain.absmax()[b] - offset[0];
+      const double v = full ? double(s * (1.0f / a2_ref[g])) : double(s / a2_ref[g]);
+      const double near = std::fabs(double(map8[q8_ref[b]]) - v), nat = std::fabs(double(map8[q8_api[b]]) - v);
+      INFO("scale code " << b << ": v " << v << ", nearest " << int(q8_ref[b]) << ", native " << int(q8_api[b]));
+      CHECK(nat >= near);
+      CHECK(nat - near <= 2.0 / 65535 + 1e-7);
+      ++native_diffs;
+    }
+  }
+  CHECK(plain_cases == 18);
+  CHECK(dq_cases == 20);
+  CHECK(finite_overflows == 1);
+  CHECK(block_sizes == std::set<index_t>{32, 64, 128, 256, 512, 1024, 2048, 4096});
+  CHECK(native_diffs == 20);  // dq_native_b32's crafted scales
+  CHECK(exact_offsets == 14);  // of 16: huge_1e30_b64 (1 ulp) and dq_native_b32 (2) differ
+  CHECK(max_offset_ulps == 2);
+}
+
+TEST_CASE("nf4: a partial double-quant group with a subnormal spread stores its divisor 1e-38", "[nf4][dq]") {
+  // Four blocks of 32 with absmax 1e-39 apart around 2e-39: spread 1e-39 < 1e-38. The
+  // reference backend divides that (partial) group by 1e-38 and stores 1e-38, so the
+  // decoded scales are map8[q] * 1e-38 + offset, about the true ones.
+  const float a[4] = {2e-39f, 3e-39f, 1e-39f, 2e-39f};
+  std::vector<float> x(4 * 32, 0.0f);
+  for (std::size_t b = 0; b < 4; ++b) x[b * 32] = a[b];
+  const NF4Matrix q = NF4Matrix::quantize(x.data(), 4, 32, {.block_size = 32, .double_quant = true});
+  REQUIRE(q.absmax2().size() == 1);
+  CHECK(q.absmax2()[0] == 1e-38f);
+  for (index_t b = 0; b < 4; ++b) {
+    INFO("block " << b);
+    CHECK(std::fabs(q.block_scale(b) - a[b]) <= 0.01f * 1e-38f);
+  }
+  // The native rule keeps the spread itself and divides by it (no floor).
+  const NF4Matrix n = NF4Matrix::quantize(x.data(), 4, 32,
+                                          {.block_size = 32, .double_quant = true,
+                                           .scale_rounding = lora::ScaleRounding::bitsandbytes_native});
+  const float off = n.absmax_offset();
+  CHECK(n.absmax2()[0] == std::max(std::fabs(3e-39f - off), std::fabs(1e-39f - off)));
+  CHECK(n.absmax2()[0] < 1e-38f);
 }

@@ -109,6 +109,34 @@ LORA_HOST_DEVICE inline int encode(float v, const float* thresholds, int count =
   return lo;
 }
 
+/// bitsandbytes' native CPU quantize_blockwise (libbitsandbytes_cpu, csrc/cpu_ops.cpp,
+/// 0.50.x; what quantize_4bit(compress_statistics=True) runs for the scales on CPU) does not
+/// pick the nearest code of a value: it snaps the value to one of 65536 bins and takes the
+/// nearest code of the bin's centre (a table built once per map). docs/nf4.md, "Double
+/// quantisation", says how often that differs from the nearest code.
+inline constexpr int native_bins = 65536;
+
+/// Bin of x * (1 / absmax) (the product, unclamped): clamp to [-1, 1], then
+/// trunc(fma((v + 1) * 0.5, 65535, 0.5)). A NaN (0 * inf, when 1 / absmax overflowed) goes to
+/// bin 0, as x86's float-to-int conversion gives there.
+inline int native_bin(float v) {
+  if (!(v == v)) return 0;
+  v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+  // (v + 1) * 0.5 is exact after the rounded add (a multiple of 2^-25). bitsandbytes' build
+  // fuses the rest into an fma; rounding the product first gives the same bin for every such
+  // value (checked exhaustively), so the choice only mirrors the source.
+  return static_cast<int>(std::fma((v + 1.0f) * 0.5f, float(native_bins - 1), 0.5f));
+}
+
+/// Centre of bin i as bitsandbytes computes it: fl(fl(2 i) / 65535) - 1.
+inline float native_bin_centre(int i) { return float(2 * i) / float(native_bins - 1) - 1.0f; }
+
+/// Code the native CPU quantiser stores for v = x * (1 / absmax): the nearest code of its bin's
+/// centre (ties to the lower code; `thresholds` as for encode).
+inline int encode_native(float v, const float* thresholds, int count = size - 1) {
+  return encode(native_bin_centre(native_bin(v)), thresholds, count);
+}
+
 /// bitsandbytes' create_dynamic_map(signed, max_exponent_bits, total_bits),
 /// computed in float32: for i = 0 .. max_exponent_bits-1, the means of adjacent
 /// points of linspace(0.1, 1, 2^(i + non_sign_bits - max_exponent_bits) + 1)

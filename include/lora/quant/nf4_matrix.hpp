@@ -8,6 +8,18 @@
 
 namespace lora {
 
+/// How double quantisation picks the 8-bit code of a block scale (docs/nf4.md,
+/// "Double quantisation").
+enum class ScaleRounding {
+  /// The nearest map value, ties to the lower code: bitsandbytes' reference (PyTorch)
+  /// backend, and the more accurate choice.
+  nearest,
+  /// bitsandbytes' native CPU quantize_blockwise (0.50), byte for byte: the value is snapped
+  /// to one of 65536 bins first (about 0.2% of the codes differ from nearest, each scale by at
+  /// most 2 / 65535 of absmax2 more), 1 / absmax2 without the 1e-38 floor.
+  bitsandbytes_native,
+};
+
 /// How to quantise.
 struct NF4Options {
   /// Elements per scale block: a power of two in [32, 4096].
@@ -23,6 +35,9 @@ struct NF4Options {
   /// mean depends on its vector width and thread count (1-ulp differences), so
   /// reproducing a bitsandbytes file bit for bit takes the file's offset.
   std::optional<float> absmax_offset = {};
+  /// Double quantisation: the 8-bit rounding rule. bitsandbytes_native reproduces the bytes
+  /// of bitsandbytes' public quantize_4bit(compress_statistics=True) on CPU.
+  ScaleRounding scale_rounding = ScaleRounding::nearest;
 };
 
 /// An [out, in] weight matrix in NF4: packed 4-bit codes (flattened row-major,
@@ -55,7 +70,7 @@ class NF4Matrix {
     std::vector<float> absmax(static_cast<std::size_t>(m.num_blocks()));
     quantize_blocks(data, n, m.block_size_, absmax.data(), m.packed_.data());
     if (m.double_quant_)
-      m.compress_scales(absmax, options.absmax_offset);
+      m.compress_scales(absmax, options.absmax_offset, options.scale_rounding);
     else
       m.absmax_ = std::move(absmax);
     return m;
@@ -351,8 +366,9 @@ class NF4Matrix {
   }
 
   // Double quantisation: offset = mean(absmax); (absmax - offset) in groups of
-  // 256 with the same normalise / clamp / nearest-code rule on the 8-bit map.
-  void compress_scales(const std::vector<float>& absmax, std::optional<float> offset) {
+  // 256 with the same normalise / clamp / nearest-code rule on the 8-bit map, or
+  // bitsandbytes' native CPU rule.
+  void compress_scales(const std::vector<float>& absmax, std::optional<float> offset, ScaleRounding rounding) {
     const index_t nb = static_cast<index_t>(absmax.size());
     // Mean as "sum, then divide by the count" like torch's CPU mean, but with the
     // sum accumulated in double: deterministic for any thread count, and the
@@ -394,9 +410,22 @@ class NF4Matrix {
       // PyTorch reference backend would store 127, the map's 0). Both decode
       // to the offset: map8[0] * 0 + offset.
       if (amax == 0.0f) continue;  // q8_ is already 0
+      if (rounding == ScaleRounding::bitsandbytes_native) {
+        // No floor: 1 / amax is inf below 2^-128, as in bitsandbytes; x * inf clamps to +-1
+        // and 0 * inf (NaN) takes bin 0, as there.
+        const float inv_native = 1.0f / amax;
+        for (index_t j = 0; j < len; ++j)
+          q8_[std::size_t(begin + j)] =
+              static_cast<std::uint8_t>(dynamic_map::encode_native(s[std::size_t(j)] * inv_native, mid));
+        continue;
+      }
       const float a = std::max(amax, nf4::min_absmax);
       const float inv = 1.0f / a;
       const bool full = len == nf4::scale_group_size;
+      // Like the 4-bit partial block: bitsandbytes' reference backend stores the partial last
+      // group's divisor max(amax, 1e-38), so map8[q] * absmax2 is what was normalised (a full
+      // group keeps its absmax as is, bitsandbytes' quirk; docs/nf4.md).
+      if (!full) absmax2_[std::size_t(g)] = a;
       for (index_t j = 0; j < len; ++j) {
         const float v = full ? s[std::size_t(j)] * inv : s[std::size_t(j)] / a;
         q8_[std::size_t(begin + j)] = static_cast<std::uint8_t>(dynamic_map::encode(clamp_unit(v), mid));
