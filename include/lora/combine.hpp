@@ -182,15 +182,7 @@ SVDCombination<T> combine_svd(std::span<const WeightedDelta<T>> in, index_t rank
 
   Eigen::BDCSVD<Eigen::MatrixXd> svd(dense, Eigen::ComputeThinU | Eigen::ComputeThinV);
   const Eigen::VectorXd& sv = svd.singularValues();
-  init::SVDReport rep;
-  rep.singular_values.assign(sv.data(), sv.data() + sv.size());
-  double total = 0.0, kept = 0.0;
-  for (index_t i = 0; i < sv.size(); ++i) {
-    total += sv[i] * sv[i];
-    if (i < rank) kept += sv[i] * sv[i];
-  }
-  rep.kept_energy = total > 0.0 ? kept / total : 0.0;
-  rep.residual_norm = std::sqrt(std::max(0.0, total - kept));
+  init::SVDReport rep = init::svd_detail::report(sv, rank);
 
   Eigen::MatrixXd b = svd.matrixU().leftCols(rank) * sv.head(rank).asDiagonal();  // (out, r)
   Eigen::MatrixXd a = svd.matrixV().leftCols(rank).transpose();                   // (r, in)

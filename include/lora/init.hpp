@@ -76,6 +76,20 @@ struct SVDReport {
 };
 
 namespace svd_detail {
+/// The report of keeping the top r of the singular values sv (descending).
+inline SVDReport report(const Eigen::VectorXd& sv, index_t r) {
+  SVDReport rep;
+  rep.singular_values.assign(sv.data(), sv.data() + sv.size());
+  double total = 0.0, kept = 0.0;
+  for (index_t i = 0; i < sv.size(); ++i) {
+    total += sv[i] * sv[i];
+    if (i < r) kept += sv[i] * sv[i];
+  }
+  rep.kept_energy = total > 0.0 ? kept / total : 0.0;
+  rep.residual_norm = std::sqrt(std::max(0.0, total - kept));
+  return rep;
+}
+
 /// Splits M (host, [out, in]) into the top-r factors with s B A = U_r S_r V_r^T:
 /// B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T (PiSSA's symmetric split).
 template <class Delta, class HostMatrix>
@@ -92,15 +106,7 @@ SVDReport factor_top_r(Delta& d, const HostMatrix& m) {
   Eigen::BDCSVD<Eigen::MatrixXd> svd(md, Eigen::ComputeThinU | Eigen::ComputeThinV);
   const Eigen::VectorXd& sv = svd.singularValues();
 
-  SVDReport rep;
-  rep.singular_values.assign(sv.data(), sv.data() + sv.size());
-  double total = 0.0, kept = 0.0;
-  for (index_t i = 0; i < sv.size(); ++i) {
-    total += sv[i] * sv[i];
-    if (i < r) kept += sv[i] * sv[i];
-  }
-  rep.kept_energy = total > 0.0 ? kept / total : 0.0;
-  rep.residual_norm = std::sqrt(std::max(0.0, total - kept));
+  SVDReport rep = report(sv, r);
 
   const Eigen::VectorXd root = (sv.head(r) / s).cwiseSqrt();
   const Eigen::MatrixXd b_host = svd.matrixU().leftCols(r) * root.asDiagonal();          // (out, r)
