@@ -8,6 +8,12 @@
 // (detail::adapters::SnapshotSlot); a forward loads it once, so it sees the set
 // before a swap or after it, never a mix, and the adapters it reads stay alive
 // (shared_ptr) even if another thread removes them.
+// Per-token adapters (Punica's SGMV semantics on the CPU): every adapter has a
+// stable integer slot; forward(X, ids, Y) gives token t the base plus adapter
+// ids[t]'s term, with the base product once for the batch and the tokens
+// grouped by adapter (a stable counting sort into a GatherWorkspace), mixed
+// ranks unpadded; backward(X, ids, G, ...) gives dX and dA_k, dB_k of every
+// adapter present (MultiAdapterGradients), PerAdapterOptimizer steps only those.
 // docs/adapters.md has the contract and the PEFT correspondence.
 #pragma once
 
@@ -16,6 +22,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <exception>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -27,6 +35,10 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace lora {
 
@@ -106,6 +118,120 @@ class SnapshotSlot {
 
 }  // namespace detail::adapters
 
+template <BaseWeight Base, class T = float>
+class MultiAdapterLinear;
+
+namespace detail::adapters {
+/// One adapter's tokens in a gathered batch: order[begin, begin + count) of
+/// the workspace's token order.
+struct Segment {
+  index_t slot = 0, begin = 0, count = 0;
+  double cost = 0.0;        ///< count * r * (in + out): the scheduling weight
+  bool contiguous = false;  ///< rows first .. first + count - 1 of X, in order: viewed, not gathered
+};
+}  // namespace detail::adapters
+
+/// Scratch of the gathered forward / backward (MultiAdapterLinear::forward(X,
+/// ids, Y, ws)): the token order, the segments, and per OpenMP thread the
+/// gathered rows and the [m, r] intermediates. Grows, never shrinks: once it
+/// has seen a batch's shape, calls of that shape allocate nothing. One per
+/// calling thread (a call uses it from inside its own parallel region).
+template <class T>
+class GatherWorkspace {
+ public:
+  using Segment = detail::adapters::Segment;
+
+  /// Elements and indices held (all buffers), for no-allocation checks.
+  index_t capacity() const {
+    index_t n = base_.capacity() + static_cast<index_t>(counts_.capacity() + order_.capacity() +
+                                                        segments_.capacity() + schedule_.capacity() + lanes_.capacity());
+    for (const Lane& l : lanes_) n += l.eval.capacity() + l.saved.capacity() + l.buf[0].size() + l.buf[1].size() + l.buf[2].size();
+    return n;
+  }
+  /// The segments of the last gathered call, in slot order.
+  std::span<const Segment> segments() const { return segments_; }
+  /// Whether the last call ran segments on several threads.
+  bool parallel() const { return parallel_; }
+
+ private:
+  template <BaseWeight, class>
+  friend class MultiAdapterLinear;
+  using workspace = typename EigenBackend::template workspace<T>;
+  struct Lane {
+    workspace eval, saved;                    // the [m, r] intermediates
+    Eigen::Matrix<T, Eigen::Dynamic, 1> buf[3];  // gathered rows: X / G / dX or Y
+    Eigen::Map<RowMatrix<T>> matrix(int i, index_t rows, index_t cols) {
+      const index_t need = detail::checked_mul("GatherWorkspace", rows, cols);
+      if (buf[i].size() < need) buf[i].resize(need);
+      return Eigen::Map<RowMatrix<T>>(buf[i].data(), rows, cols);
+    }
+  };
+
+  workspace base_;                     // the base product's scratch
+  std::vector<index_t> counts_, order_;
+  std::vector<Segment> segments_;
+  std::vector<index_t> schedule_;      // segment indices, costliest first
+  std::vector<Lane> lanes_;
+  bool parallel_ = false;
+};
+
+/// dA_k [r_k, in], dB_k [out, r_k] per adapter slot, and which slots had tokens
+/// in the batches since the last non-accumulating backward (present(slot)).
+/// Made by MultiAdapterLinear::make_gradients(); a backward allocates the
+/// gradients of a slot it has not seen (an adapter added later). Each slot's
+/// gradients live behind their own pointer: their addresses never change, so
+/// an optimizer may hold them.
+template <class T>
+class MultiAdapterGradients {
+ public:
+  using gradients = LowRankGradients<T, dynamic, EigenBackend>;
+
+  /// Slots it has room for (present or not).
+  index_t slots() const { return static_cast<index_t>(g_.size()); }
+  /// Whether `slot` has gradients allocated.
+  bool has(index_t slot) const { return slot >= 0 && slot < slots() && g_[slot] != nullptr; }
+  /// Whether `slot` had tokens (its dA, dB are this batch's, or the sum over
+  /// the accumulated batches); an absent slot's tensors are stale.
+  bool present(index_t slot) const { return has(slot) && tokens_[slot] > 0; }
+  /// Tokens of `slot` in those batches.
+  index_t tokens(index_t slot) const { return has(slot) ? tokens_[slot] : 0; }
+  /// The present slots, ascending.
+  std::vector<index_t> present_slots() const {
+    std::vector<index_t> out;
+    for (index_t k = 0; k < slots(); ++k)
+      if (present(k)) out.push_back(k);
+    return out;
+  }
+  gradients& at(index_t slot) { return *checked(slot); }
+  const gradients& at(index_t slot) const { return *checked(slot); }
+  /// Marks every slot absent (the tensors keep their values; the next
+  /// backward overwrites the ones it reaches).
+  void clear() { std::ranges::fill(tokens_, index_t(0)); }
+
+  /// The slot's gradients, allocated zero [r, in] / [out, r] when missing.
+  gradients& ensure(index_t slot, index_t out, index_t in, index_t rank) {
+    if (slot < 0) detail::raise<ValueError>("MultiAdapterGradients::ensure: slot ", slot, " is negative");
+    if (slot >= slots()) {
+      g_.resize(static_cast<std::size_t>(slot) + 1);
+      tokens_.resize(static_cast<std::size_t>(slot) + 1, 0);
+    }
+    if (!g_[slot]) g_[slot] = std::make_unique<gradients>(out, in, rank);
+    return *g_[slot];
+  }
+
+ private:
+  template <BaseWeight, class>
+  friend class MultiAdapterLinear;
+  gradients* checked(index_t slot) const {
+    if (!has(slot))
+      detail::raise<ValueError>("MultiAdapterGradients::at: slot ", slot, " has no gradients (slots 0..",
+                                slots() - 1, " allocated; a backward allocates a slot when it first has tokens)");
+    return g_[slot].get();
+  }
+  std::vector<std::unique_ptr<gradients>> g_;
+  std::vector<index_t> tokens_;
+};
+
 /// A frozen linear layer Y = X W^T + b with any number of named low-rank
 /// adapters, of which a weighted subset is active:
 ///   Y = X W^T + b + sum_k w_k s_k (X A_k^T) B_k^T
@@ -119,7 +245,7 @@ class SnapshotSlot {
 /// "Hot swap"). merge_active / unmerge write W and need exclusive access.
 ///
 /// A moved-from layer may only be destroyed or assigned to.
-template <BaseWeight Base, class T = float>
+template <BaseWeight Base, class T>
 class MultiAdapterLinear {
  public:
   using base_type = Base;
@@ -129,6 +255,8 @@ class MultiAdapterLinear {
   using bias_type = typename backend::template vector<T>;
   using workspace = typename backend::template workspace<T>;
   using weighted_names = detail::adapters::weighted_names;
+  using gather_workspace = GatherWorkspace<T>;
+  using gradients_type = MultiAdapterGradients<T>;
 
   static constexpr bool base_is_writable = weight_traits<Base>::writable;
   static constexpr bool base_is_quantized = QuantizedMatrix<Base>;
@@ -148,6 +276,17 @@ class MultiAdapterLinear {
   /// The active set, immutable once published.
   struct Snapshot {
     std::vector<Term> terms;
+  };
+  /// Every slot ever assigned, immutable once published: what the gathered
+  /// calls read. A removed adapter's slot keeps its name and a null delta.
+  struct Bank {
+    struct Slot {
+      std::shared_ptr<const delta_type> delta;  ///< null once removed
+      T scale;                                  ///< s_k (multiplier included), rounded to T once
+      std::string name;
+    };
+    std::vector<Slot> slots;
+    bool merged = false;  ///< W holds the active set: gathered calls refuse
   };
 
   explicit MultiAdapterLinear(Base weight) : w_(std::move(weight)), s_(std::make_unique<State>()) {}
@@ -184,6 +323,7 @@ class MultiAdapterLinear {
     std::erase_if(s_->active, [&](const auto& a) { return a.first == name; });
     s_->entries.erase(it);
     if (!s_->merged) publish();
+    publish_bank();
   }
 
   bool contains(std::string_view name) const {
@@ -217,6 +357,7 @@ class MultiAdapterLinear {
                                 "' is merged into W; unmerge() first");
     it->delta->set_multiplier(m);  // forwards never read the options, only the snapshot's scale
     if (!s_->merged && in_active(name)) publish();
+    publish_bank();
   }
 
   // ---- the active set -------------------------------------------------------------
@@ -238,6 +379,111 @@ class MultiAdapterLinear {
 
   /// The active set a forward starting now would use (an atomic load).
   std::shared_ptr<const Snapshot> snapshot() const { return s_->snapshot.load(); }
+
+  // ---- slots: per-token adapter ids -------------------------------------------------
+  /// The adapter's slot, its id in a gathered batch. Slots are given in the
+  /// order of add() (0, 1, 2, ...) and never reused: a removed adapter's slot
+  /// stays dead (ids naming it are refused), and adding the name again gives a
+  /// new slot. ValueError when unknown.
+  index_t slot(std::string_view name) const {
+    std::lock_guard lock(s_->mutex);
+    return find(name, "MultiAdapterLinear::slot")->slot;
+  }
+  /// Slots assigned so far (live and dead): ids run over [-1, slot_count()).
+  index_t slot_count() const {
+    std::lock_guard lock(s_->mutex);
+    return static_cast<index_t>(s_->slot_names.size());
+  }
+  /// The bank a gathered call starting now would use (an atomic load).
+  std::shared_ptr<const Bank> bank() const { return s_->bank.load(); }
+
+  /// The adapter in `slot`, writable, for training (PerAdapterOptimizer): the
+  /// pointer keeps it alive after a remove. Writing A or B while any forward
+  /// runs is a race (as with AdaptedLinear): train between forwards, not
+  /// during them. ValueError for an unknown or removed slot.
+  std::shared_ptr<delta_type> trainable_delta(index_t slot) {
+    std::lock_guard lock(s_->mutex);
+    for (const Entry& e : s_->entries)
+      if (e.slot == slot) return e.delta;
+    detail::raise<ValueError>("MultiAdapterLinear::trainable_delta: slot ", slot, " holds no adapter (slots 0..",
+                              static_cast<index_t>(s_->slot_names.size()) - 1, ")");
+  }
+
+  /// Zero gradients for every live adapter, by slot.
+  gradients_type make_gradients() const {
+    gradients_type g;
+    std::lock_guard lock(s_->mutex);
+    for (const Entry& e : s_->entries) g.ensure(e.slot, out_features(), in_features(), e.delta->rank());
+    return g;
+  }
+
+  // ---- gathered forward --------------------------------------------------------------
+  /// Y [n, out] = X W^T + b + s_k (X[t] A_k^T) B_k^T per token t, k = ids[t]
+  /// (-1: the base alone); the active set plays no part. Y is overwritten.
+  /// ids are checked first (ShapeError unless n of them; ValueError naming
+  /// the token and the id for one out of range or naming a removed slot; Y is
+  /// then untouched); ValueError while merged. The base product runs once for
+  /// the batch; the adapters' terms per segment of tokens (docs/adapters.md,
+  /// "Per-token adapters"). No allocation once `ws` has seen the shape.
+  template <Matrix X, Matrix Y>
+  void forward(const X& x, std::span<const std::int32_t> ids, Y&& y, gather_workspace& ws) const {
+    gathered_forward(x, ids, y, ws, true);
+  }
+  template <Matrix X, Matrix Y>
+  void forward(const X& x, std::span<const std::int64_t> ids, Y&& y, gather_workspace& ws) const {
+    gathered_forward(x, ids, y, ws, true);
+  }
+  template <Matrix X, Matrix Y>
+  void forward(const X& x, std::span<const std::int32_t> ids, Y&& y) const {
+    gather_workspace ws;
+    gathered_forward(x, ids, y, ws, true);
+  }
+  template <Matrix X, Matrix Y>
+  void forward(const X& x, std::span<const std::int64_t> ids, Y&& y) const {
+    gather_workspace ws;
+    gathered_forward(x, ids, y, ws, true);
+  }
+
+  /// Only the adapters' part: Y += s_k (X[t] A_k^T) B_k^T per token (no base,
+  /// no bias), for a caller that computes the base product elsewhere. Same
+  /// checks as the gathered forward.
+  template <Matrix X, Matrix Y>
+  void add_adapter_terms(const X& x, std::span<const std::int32_t> ids, Y&& y, gather_workspace& ws) const {
+    gathered_forward(x, ids, y, ws, false);
+  }
+  template <Matrix X, Matrix Y>
+  void add_adapter_terms(const X& x, std::span<const std::int64_t> ids, Y&& y, gather_workspace& ws) const {
+    gathered_forward(x, ids, y, ws, false);
+  }
+
+  // ---- gathered backward --------------------------------------------------------------
+  /// For G = dL/dY [n, out] of a gathered forward over (X, ids): every present
+  /// adapter's dB_k = s_k G_k^T (X_k A_k^T), dA_k = s_k (G_k B_k)^T X_k
+  /// (G_k, X_k: its tokens' rows) into `grads`, and dX = G W + s_k (G_k B_k) A_k
+  /// per token. Not accumulating: `grads` first marks every slot absent.
+  /// Accumulating: present slots add, others start. The base is frozen (no
+  /// dW); the bias is frozen here too. Same id checks as forward.
+  template <Matrix X, Matrix G, Matrix DX>
+  void backward(const X& x, std::span<const std::int32_t> ids, const G& g, gradients_type& grads, DX&& dx,
+                gather_workspace& ws, train::BackwardOptions options = {}) const {
+    gathered_backward(x, ids, g, grads, &dx, ws, options);
+  }
+  template <Matrix X, Matrix G, Matrix DX>
+  void backward(const X& x, std::span<const std::int64_t> ids, const G& g, gradients_type& grads, DX&& dx,
+                gather_workspace& ws, train::BackwardOptions options = {}) const {
+    gathered_backward(x, ids, g, grads, &dx, ws, options);
+  }
+  /// dA_k, dB_k only (the first layer needs no dX).
+  template <Matrix X, Matrix G>
+  void backward(const X& x, std::span<const std::int32_t> ids, const G& g, gradients_type& grads,
+                gather_workspace& ws, train::BackwardOptions options = {}) const {
+    gathered_backward(x, ids, g, grads, static_cast<RowMatrix<T>*>(nullptr), ws, options);
+  }
+  template <Matrix X, Matrix G>
+  void backward(const X& x, std::span<const std::int64_t> ids, const G& g, gradients_type& grads,
+                gather_workspace& ws, train::BackwardOptions options = {}) const {
+    gathered_backward(x, ids, g, grads, static_cast<RowMatrix<T>*>(nullptr), ws, options);
+  }
 
   // ---- forward ----------------------------------------------------------------------
   /// Y [n, out] = X [n, in] W^T + b + sum_k w_k s_k (X A_k^T) B_k^T; Y is
@@ -308,6 +554,7 @@ class MultiAdapterLinear {
       s_->merged_terms = snap->terms;
       s_->merged = true;
       s_->snapshot.store(std::make_shared<const Snapshot>());  // W holds them now
+      publish_bank();
     }
   }
 
@@ -323,6 +570,7 @@ class MultiAdapterLinear {
       s_->merged_terms.clear();
       s_->merged = false;
       publish();
+      publish_bank();
       return true;
     } else {
       return false;
@@ -355,7 +603,8 @@ class MultiAdapterLinear {
  private:
   struct Entry {
     std::string name;
-    std::shared_ptr<delta_type> delta;  // A, B never change after add; the multiplier may
+    std::shared_ptr<delta_type> delta;  // A, B never change after add (except by training); the multiplier may
+    index_t slot = 0;
   };
   // Behind a pointer so the layer stays movable (std::mutex and std::atomic are not).
   struct State {
@@ -365,6 +614,8 @@ class MultiAdapterLinear {
     bool merged = false;
     std::vector<Term> merged_terms;  // what merge_active added, for unmerge
     detail::adapters::SnapshotSlot<Snapshot> snapshot{std::make_shared<const Snapshot>()};
+    std::vector<std::string> slot_names;  // by slot, removed ones included: slots are never reused
+    detail::adapters::SnapshotSlot<Bank> bank{std::make_shared<const Bank>()};
   };
 
   typename std::vector<Entry>::iterator find(std::string_view name, const char* where) const {
@@ -398,7 +649,22 @@ class MultiAdapterLinear {
       detail::raise<ShapeError>(where, ": adapter '", name, "' is [out, in] = [", delta.out_features(), ", ",
                                 delta.in_features(), "] but the base weight is [", out_features(), ", ",
                                 in_features(), "]");
-    s_->entries.push_back({std::move(name), std::make_shared<delta_type>(std::move(delta))});
+    const auto slot = static_cast<index_t>(s_->slot_names.size());
+    s_->slot_names.push_back(name);
+    s_->entries.push_back({std::move(name), std::make_shared<delta_type>(std::move(delta)), slot});
+    publish_bank();
+  }
+
+  /// Builds the bank (every slot's delta and s_k) and makes it the one
+  /// gathered calls load. Caller holds the mutex.
+  void publish_bank() {
+    auto bank = std::make_shared<Bank>();
+    bank->slots.resize(s_->slot_names.size());
+    for (std::size_t k = 0; k < s_->slot_names.size(); ++k) bank->slots[k] = {nullptr, T(0), s_->slot_names[k]};
+    for (const Entry& e : s_->entries)
+      bank->slots[e.slot] = {e.delta, static_cast<T>(scale_for(e.delta->options(), e.delta->rank())), e.name};
+    bank->merged = s_->merged;
+    s_->bank.store(std::move(bank));
   }
 
   void set_active_impl(weighted_names weighted) {
@@ -425,6 +691,232 @@ class MultiAdapterLinear {
       snap->terms.push_back({e.delta, static_cast<T>(s)});
     }
     s_->snapshot.store(std::move(snap));
+  }
+
+  // ---- the gathered calls ------------------------------------------------------------
+  using Segment = detail::adapters::Segment;
+  using Lane = typename gather_workspace::Lane;
+
+  /// Every id -1 or a live slot of `bank`, n of them; throws before anything
+  /// is written.
+  template <class Id>
+  static void check_ids(const char* where, const Bank& bank, std::span<const Id> ids, index_t n) {
+    if (static_cast<index_t>(ids.size()) != n)
+      detail::raise<ShapeError>(where, ": ids has ", ids.size(), " entries but X has ", n,
+                                " rows (one adapter id per token)");
+    if (bank.merged)
+      detail::raise<ValueError>(where, ": the layer is merged (W holds its active set, which every token "
+                                       "would then get); unmerge() first");
+    const auto slots = static_cast<long long>(bank.slots.size());
+    for (index_t t = 0; t < n; ++t) {
+      const auto id = static_cast<long long>(ids[t]);
+      if (id == -1) continue;
+      if (id < -1 || id >= slots)
+        detail::raise<ValueError>(where, ": token ", t, " has adapter id ", id, ", which is not a slot (slots 0..",
+                                  slots - 1, "; -1 = the base alone)");
+      if (!bank.slots[id].delta)
+        detail::raise<ValueError>(where, ": token ", t, " has adapter id ", id, ", the slot of adapter '",
+                                  bank.slots[id].name, "', which was removed (slots are never reused)");
+    }
+  }
+
+  /// Groups the tokens by slot: a stable counting sort into ws.order_, one
+  /// segment per slot with tokens (slot order), and the schedule (costliest
+  /// first). O(n + slots); allocates only when the workspace grows.
+  template <class Id>
+  void plan(const char* where, std::span<const Id> ids, const Bank& bank, gather_workspace& ws) const {
+    const auto n = static_cast<index_t>(ids.size());
+    const auto slots = static_cast<index_t>(bank.slots.size());
+    auto& counts = ws.counts_;
+    auto& order = ws.order_;
+    counts.assign(static_cast<std::size_t>(slots) + 1, 0);
+    for (const Id id : ids)
+      if (id >= 0) ++counts[static_cast<std::size_t>(id) + 1];
+    for (index_t k = 0; k < slots; ++k) counts[k + 1] += counts[k];  // counts[k]: where slot k starts
+    order.resize(static_cast<std::size_t>(n));
+    for (index_t t = 0; t < n; ++t)
+      if (ids[t] >= 0) order[counts[ids[t]]++] = t;  // stable: tokens keep their order within a slot
+    // Now counts[k] is where slot k ends, so slot k starts at counts[k - 1].
+    ws.segments_.clear();
+    const double width = static_cast<double>(in_features() + out_features());
+    for (index_t k = 0; k < slots; ++k) {
+      const index_t begin = k == 0 ? 0 : counts[k - 1], count = counts[k] - begin;
+      if (count == 0) continue;
+      const delta_type& d = *bank.slots[k].delta;
+      d.check_consistent(where);  // training could have resized a factor
+      if (d.out_features() != out_features() || d.in_features() != in_features())
+        detail::raise<ShapeError>(where, ": adapter '", bank.slots[k].name, "' is now [", d.out_features(), ", ",
+                                  d.in_features(), "], the layer [", out_features(), ", ", in_features(), "]");
+      bool contiguous = true;
+      for (index_t i = 1; i < count && contiguous; ++i) contiguous = order[begin + i] == order[begin] + i;
+      ws.segments_.push_back({k, begin, count, static_cast<double>(count) * static_cast<double>(d.rank()) * width,
+                              contiguous});
+    }
+    ws.schedule_.resize(ws.segments_.size());
+    for (std::size_t i = 0; i < ws.schedule_.size(); ++i) ws.schedule_[i] = static_cast<index_t>(i);
+    std::sort(ws.schedule_.begin(), ws.schedule_.end(), [&](index_t a, index_t b) {
+      const Segment &sa = ws.segments_[a], &sb = ws.segments_[b];
+      return sa.cost != sb.cost ? sa.cost > sb.cost : sa.slot < sb.slot;
+    });
+  }
+
+  /// f(segment, lane) for every planned segment. A segment with more than
+  /// half of the total cost (the whole batch's single one, say) runs first
+  /// on its own, so its products may use the threaded kernels as a plain
+  /// forward does; the others are spread over the OpenMP threads, costliest
+  /// first, each thread taking the next when done. Inside that region the
+  /// library's kernels run single-threaded (they check omp_in_parallel, and
+  /// Eigen's GEMM omp_get_num_threads), so nothing is oversubscribed.
+  /// Segments write disjoint rows of Y / dX and disjoint slots' gradients.
+  template <class F>
+  static void run_segments(gather_workspace& ws, F&& f) {
+    const auto count = static_cast<index_t>(ws.segments_.size());
+    ws.parallel_ = false;
+    if (count == 0) return;
+    if (ws.lanes_.empty()) ws.lanes_.resize(1);
+    double total = 0.0;
+    for (const Segment& sg : ws.segments_) total += sg.cost;
+    index_t first = 0;
+    if (count == 1 || ws.segments_[ws.schedule_[0]].cost * 2.0 > total) {
+      f(ws.segments_[ws.schedule_[0]], ws.lanes_[0]);
+      first = 1;
+    }
+    int threads = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel()) threads = static_cast<int>(std::min<index_t>(omp_get_max_threads(), count - first));
+#endif
+    if (threads <= 1) {
+      for (index_t i = first; i < count; ++i) f(ws.segments_[ws.schedule_[i]], ws.lanes_[0]);
+      return;
+    }
+#ifdef _OPENMP
+    if (ws.lanes_.size() < static_cast<std::size_t>(threads)) ws.lanes_.resize(static_cast<std::size_t>(threads));
+    ws.parallel_ = true;
+    std::exception_ptr error;  // an exception may not leave a parallel region
+#pragma omp parallel num_threads(threads)
+    {
+      Lane& lane = ws.lanes_[static_cast<std::size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+      for (index_t i = first; i < count; ++i) {
+        try {
+          f(ws.segments_[ws.schedule_[i]], lane);
+        } catch (...) {
+#pragma omp critical(lora_gathered_error)
+          if (!error) error = std::current_exception();
+        }
+      }
+    }
+    if (error) std::rethrow_exception(error);
+#endif
+  }
+
+  template <class X, class Y>
+  void check_gathered(const char* where, const X& x, const Y& y, index_t y_cols, const char* y_name) const {
+    if (x.cols() != in_features())
+      detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ", in_features());
+    if (y.rows() != x.rows() || y.cols() != y_cols)
+      detail::raise<ShapeError>(where, ": ", y_name, " is [", y.rows(), ", ", y.cols(), "], expected [", x.rows(),
+                                ", ", y_cols, "]");
+  }
+
+  template <class X, class Y, class Id>
+  void gathered_forward(const X& x, std::span<const Id> ids, Y& y, gather_workspace& ws, bool with_base) const {
+    static_assert(std::is_same_v<scalar_of_t<X>, T> && std::is_same_v<scalar_of_t<Y>, T>,
+                  "lora::MultiAdapterLinear::forward: X or Y has a different scalar type than the layer");
+    const char* where = with_base ? "MultiAdapterLinear::forward (gathered)" : "MultiAdapterLinear::add_adapter_terms";
+    check_gathered(where, x, y, out_features(), "Y");
+    if (backend::overlaps(x, y))
+      detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
+    // One load: every adapter and scale below comes from the same bank.
+    const std::shared_ptr<const Bank> bank = s_->bank.load();
+    check_ids(where, *bank, ids, x.rows());
+    plan(where, ids, *bank, ws);
+    if (x.rows() == 0) return;
+    if (with_base) expr::apply(expr::base_leaf(w_), x, y, T(1), T(0), ws.base_);  // Y = X W^T, the whole batch
+    const index_t* order = ws.order_.data();
+    run_segments(ws, [&](const Segment& sg, Lane& lane) {
+      const typename Bank::Slot& sl = bank->slots[sg.slot];
+      const auto term = sl.scale * expr::product(sl.delta->B(), sl.delta->A());
+      const index_t m = sg.count, first = order[sg.begin];
+      if (sg.contiguous) {  // AdaptedLinear::forward's own call on these rows
+        expr::apply(term, x.middleRows(first, m), y.middleRows(first, m), T(1), T(1), lane.eval);
+      } else {
+        auto xg = lane.matrix(0, m, in_features());
+        auto yg = lane.matrix(1, m, out_features());
+        for (index_t i = 0; i < m; ++i) xg.row(i) = x.row(order[sg.begin + i]);
+        expr::apply(term, xg, yg, T(1), T(0), lane.eval);  // shrink X_k A_k^T, expand s_k H B_k^T
+        for (index_t i = 0; i < m; ++i) y.row(order[sg.begin + i]) += yg.row(i);
+      }
+    });
+    if (with_base && has_bias()) BackendOps<backend>::add_to_rows(T(1), bias_, y);
+  }
+
+  template <class X, class G, class DX, class Id>
+  void gathered_backward(const X& x, std::span<const Id> ids, const G& g, gradients_type& grads, DX* dx,
+                         gather_workspace& ws, train::BackwardOptions options) const {
+    static_assert(std::is_same_v<scalar_of_t<X>, T> && std::is_same_v<scalar_of_t<G>, T>,
+                  "lora::MultiAdapterLinear::backward: X or G has a different scalar type than the layer");
+    const char* where = "MultiAdapterLinear::backward (gathered)";
+    check_gathered(where, x, g, out_features(), "G");
+    if (dx) {
+      static_assert(std::is_same_v<scalar_of_t<DX>, T>,
+                    "lora::MultiAdapterLinear::backward: dX has a different scalar type than the layer");
+      check_gathered(where, x, *dx, in_features(), "dX");
+      if (backend::overlaps(g, *dx) || backend::overlaps(x, *dx))
+        detail::raise<ShapeError>(where, ": dX shares memory with X or G");
+    }
+    const std::shared_ptr<const Bank> bank = s_->bank.load();
+    check_ids(where, *bank, ids, x.rows());
+    plan(where, ids, *bank, ws);
+    if (!options.accumulate) grads.clear();
+    // Gradients allocated here, before the threads: each segment then writes
+    // only its own slot's tensors (a slot has one segment).
+    for (const Segment& sg : ws.segments_) {
+      const index_t r = bank->slots[sg.slot].delta->rank();
+      auto& gk = grads.ensure(sg.slot, out_features(), in_features(), r);
+      if (gk.dA().rows() != r || gk.dA().cols() != in_features() || gk.dB().rows() != out_features() ||
+          gk.dB().cols() != r)
+        detail::raise<ShapeError>(where, ": the gradients of slot ", sg.slot, " are dA [", gk.dA().rows(), ", ",
+                                  gk.dA().cols(), "], dB [", gk.dB().rows(), ", ", gk.dB().cols(),
+                                  "], the adapter is rank ", r, " over [", out_features(), ", ", in_features(), "]");
+    }
+    if (dx) expr::apply_transposed(expr::base_leaf(w_), g, *dx, T(1), options.accumulate_dx ? T(1) : T(0), ws.base_);
+    if (x.rows() == 0) return;
+    const index_t* order = ws.order_.data();
+    run_segments(ws, [&](const Segment& sg, Lane& lane) {
+      const typename Bank::Slot& sl = bank->slots[sg.slot];
+      const delta_type& d = *sl.delta;
+      auto& gk = *grads.g_[sg.slot];
+      const T s = sl.scale, beta = grads.tokens_[sg.slot] > 0 ? T(1) : T(0);  // accumulate onto earlier batches
+      const index_t m = sg.count, first = order[sg.begin], r = d.rank();
+      auto h = lane.saved.matrix(m, r, 0);   // (m, r) = X_k A^T, what the forward's shrink computed
+      auto gb = lane.saved.matrix(m, r, 1);  // (m, r) = G_k B
+      // LowRankDelta::backward's products, in its order, with the bank's s_k.
+      const auto grads_of = [&](const auto& xs, const auto& gs) {
+        backend::gemm_nt(T(1), xs, d.A(), T(0), h);
+        backend::gemm_nn(T(1), gs, d.B(), T(0), gb);
+        backend::gemm_tn(s, gs, h, beta, gk.dB());   // (out, r) = s G_k^T H
+        backend::gemm_tn(s, gb, xs, beta, gk.dA());  // (r, in) = s (G_k B)^T X_k
+      };
+      if (sg.contiguous) {
+        grads_of(x.middleRows(first, m), g.middleRows(first, m));
+        if (dx) backend::gemm_nn(s, gb, d.A(), T(1), dx->middleRows(first, m));  // dX_k += s (G_k B) A
+      } else {
+        auto xg = lane.matrix(0, m, in_features());
+        auto gg = lane.matrix(1, m, out_features());
+        for (index_t i = 0; i < m; ++i) {
+          xg.row(i) = x.row(order[sg.begin + i]);
+          gg.row(i) = g.row(order[sg.begin + i]);
+        }
+        grads_of(xg, gg);
+        if (dx) {
+          auto dxg = lane.matrix(2, m, in_features());
+          backend::gemm_nn(s, gb, d.A(), T(0), dxg);
+          for (index_t i = 0; i < m; ++i) dx->row(order[sg.begin + i]) += dxg.row(i);
+        }
+      }
+    });
+    for (const Segment& sg : ws.segments_) grads.tokens_[sg.slot] += sg.count;
   }
 
   std::optional<init::SVDReport> add_weighted_impl(std::string new_name, weighted_names weighted, Combination how,
@@ -455,6 +947,98 @@ class MultiAdapterLinear {
   Base w_;
   bias_type bias_;
   std::unique_ptr<State> s_;
+};
+
+/// One lora::train optimizer (train::AdamW<T>, train::SGD<T>) per adapter
+/// slot of a MultiAdapterLinear, over that adapter's A and B (B at lr *
+/// lora_plus_ratio, as the optimizers' add() does), so that step() updates
+/// only the adapters that had tokens in the gathered backward
+/// (grads.present(slot)): an absent adapter gets no step, no weight decay, no
+/// moment update and no step count, exactly as if it had not been trained
+/// this iteration. Each adapter's clipping (max_grad_norm) is over its own
+/// gradients: tenants are independent models. The layer, the gradients and
+/// this object are held by address; the adapters by shared_ptr (a removed
+/// adapter's optimizer keeps it alive until sync() drops it).
+template <class Layer, class Opt>
+class PerAdapterOptimizer {
+ public:
+  using options_type = std::remove_cvref_t<decltype(std::declval<const Opt&>().options())>;
+  using scalar = typename Layer::scalar;
+
+  /// Registers every adapter that has gradients in `grads` (make_gradients()
+  /// gives all live ones).
+  PerAdapterOptimizer(Layer& layer, typename Layer::gradients_type& grads, options_type options = {})
+      : layer_(&layer), grads_(&grads), options_(options) {
+    sync();
+  }
+
+  /// Registers adapters added since (and allocates their gradients); drops
+  /// the optimizers of removed ones.
+  void sync() {
+    const auto bank = layer_->bank();
+    const auto slots = static_cast<index_t>(bank->slots.size());
+    if (static_cast<index_t>(opts_.size()) < slots) opts_.resize(static_cast<std::size_t>(slots));
+    for (index_t k = 0; k < slots; ++k) {
+      auto& o = opts_[static_cast<std::size_t>(k)];
+      if (!bank->slots[k].delta) {
+        o = {};
+        continue;
+      }
+      if (o.opt) continue;
+      o.delta = layer_->trainable_delta(k);
+      auto& g = grads_->ensure(k, layer_->out_features(), layer_->in_features(), o.delta->rank());
+      o.opt = std::make_unique<Opt>(options_);
+      const std::string& name = bank->slots[k].name;
+      o.opt->add_tensor(name + ".lora_A", o.delta->A(), g.dA(), 1.0);
+      o.opt->add_tensor(name + ".lora_B", o.delta->B(), g.dB(), options_.lora_plus_ratio);
+    }
+  }
+
+  /// One step of every adapter present in the gradients; returns how many
+  /// stepped. ValueError while the layer is merged (W holds the old s B A), or
+  /// when a present slot was never registered (call sync() after add()).
+  index_t step() {
+    if (layer_->merged())
+      detail::raise<ValueError>("PerAdapterOptimizer::step: the layer is merged; unmerge() it before training");
+    const auto bank = layer_->bank();
+    index_t stepped = 0;
+    for (index_t k = 0; k < grads_->slots(); ++k) {
+      if (!grads_->present(k)) continue;
+      const bool registered = k < static_cast<index_t>(opts_.size()) && opts_[static_cast<std::size_t>(k)].opt;
+      // An adapter removed (and dropped by sync()) after its backward: nothing to step.
+      if (!registered && k < static_cast<index_t>(bank->slots.size()) && !bank->slots[k].delta) continue;
+      if (!registered)
+        detail::raise<ValueError>("PerAdapterOptimizer::step: slot ", k,
+                                  " has gradients but no optimizer; call sync() after adding adapters");
+      opts_[static_cast<std::size_t>(k)].opt->step();
+      ++stepped;
+    }
+    return stepped;
+  }
+
+  /// The optimizer of `slot` (its steps, last_grad_norm, set_lr); ValueError
+  /// when none.
+  Opt& optimizer(index_t slot) {
+    if (slot < 0 || slot >= static_cast<index_t>(opts_.size()) || !opts_[static_cast<std::size_t>(slot)].opt)
+      detail::raise<ValueError>("PerAdapterOptimizer::optimizer: slot ", slot, " has no optimizer");
+    return *opts_[static_cast<std::size_t>(slot)].opt;
+  }
+  /// The learning rate of every adapter (schedules).
+  void set_lr(double lr) {
+    options_.lr = lr;
+    for (auto& o : opts_)
+      if (o.opt) o.opt->set_lr(lr);
+  }
+
+ private:
+  struct PerSlot {
+    std::shared_ptr<typename Layer::delta_type> delta;  // keeps the registered A, B alive
+    std::unique_ptr<Opt> opt;
+  };
+  Layer* layer_;
+  typename Layer::gradients_type* grads_;
+  options_type options_;
+  std::vector<PerSlot> opts_;
 };
 
 /// Layers by module path, and adapter operations across all of them by name.
