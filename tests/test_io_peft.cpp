@@ -4,7 +4,7 @@
 // PEFT's bytes, and every malformed input is a typed error naming what is wrong.
 #include <catch2/catch.hpp>
 
-#include <lora/io/peft.hpp>
+#include <lora/io/peft_dora.hpp>
 
 #include <atomic>
 #include <cmath>
@@ -110,6 +110,11 @@ RowMatrix<float> linear_forward(const PeftAdapter<float>& a, const std::string& 
     return y;
   }
   const PeftModule<float>& m = a.module(path);
+  if (m.magnitude) {  // DoRA (use_dora): the base bias stays outside the normalised product
+    RowMatrix<float> y(x.rows(), w.rows());
+    lora::io::make_peft_dora(m, w, b).forward(x, y);
+    return y;
+  }
   lora::AdaptedLinear layer{w, VectorXf(b + m.bias_delta()), m.delta()};
   return layer.forward(x);
 }
@@ -172,6 +177,7 @@ const std::vector<Case>& cases() {
       {"embedding", "embedding", "default", "embedding"},
       {"fan_in_fan_out", "fan_in_fan_out", "default", "fan_in_fan_out"},
       {"alpha0", "alpha0", "default", "alpha0"},
+      {"dora", "dora", "default", "dora"},
   };
   return all;
 }
@@ -403,6 +409,8 @@ TEST_CASE("PEFT fixtures: save_peft writes PEFT's bytes, and reloads equal", "[i
         CHECK(x.options.rule == y.options.rule);
         CHECK(bool(x.bias) == bool(y.bias));
         if (x.bias && y.bias) CHECK(*x.bias == *y.bias);
+        CHECK(bool(x.magnitude) == bool(y.magnitude));
+        if (x.magnitude && y.magnitude) CHECK(*x.magnitude == *y.magnitude);
         CHECK(b.config.rank_for(x.path) == a.config.rank_for(x.path));
         CHECK(b.config.alpha_for(x.path) == a.config.alpha_for(x.path));
       }
@@ -605,10 +613,13 @@ TEST_CASE("PEFT: malformed adapters are typed errors naming file, key and proble
     t["lora_unet_down_blocks_0.lora_down.weight"] = RowMatrix<float>::Ones(2, 2);
     expect.operator()<lora::FormatError>(cfg, t, {"lora_unet_down_blocks_0.lora_down.weight", "base_model.model."});
   }
-  SECTION("DoRA magnitude vector") {
+  SECTION("DoRA magnitude vector in a LoRA (use_dora = false) adapter, or under a malformed key") {
     auto t = plain_tensors();
     t[q0 + ".lora_magnitude_vector"] = RowMatrix<float>::Ones(1, 7);
-    expect.operator()<lora::ValueError>(cfg, t, {"lora_magnitude_vector", "DoRA", "not supported yet"});
+    expect.operator()<lora::FormatError>(cfg, t, {"lora_magnitude_vector", "use_dora = false"});
+    t.erase(q0 + ".lora_magnitude_vector");
+    t[q0 + ".lora_magnitude_vector.x.y"] = RowMatrix<float>::Ones(1, 7);
+    expect.operator()<lora::FormatError>(cfg, t, {"lora_magnitude_vector.x.y", "lora_magnitude_vector[.<adapter>].weight"});
   }
   SECTION("another LoRA variant's tensor") {
     auto t = plain_tensors();
@@ -669,8 +680,27 @@ TEST_CASE("PEFT: malformed adapters are typed errors naming file, key and proble
         {"model.layers.0.mlp.down_proj", "target_modules"});
   }
   SECTION("unsupported options in the config") {
-    expect.operator()<lora::ValueError>(edit_config(cfg, [](auto& j) { j["use_dora"] = true; }), plain_tensors(),
-                                        {"adapter_config.json", "use_dora", "DoRA", "not supported yet"});
+    // use_dora without the magnitudes, and magnitudes without use_dora.
+    expect.operator()<lora::FormatError>(edit_config(cfg, [](auto& j) { j["use_dora"] = true; }), plain_tensors(),
+                                         {"lora_magnitude_vector", "use_dora = true"});
+    {
+      const auto t = plain_tensors();
+      const Eigen::Index out = t.at(q0 + ".lora_B.weight").rows();
+      // m on every module; q0's of length `len`.
+      auto add_m = [&](Eigen::Index len) {
+        return [&, len](SafetensorsWriter& w) {
+          for (const auto& [k, v] : t)
+            if (k.ends_with(".lora_B.weight")) {
+              const std::string mod = k.substr(0, k.size() - std::string(".lora_B.weight").size());
+              w.add_vector(mod + ".lora_magnitude_vector", VectorXf::Ones(mod == q0 ? len : v.rows()), DType::F32);
+            }
+        };
+      };
+      expect.operator()<lora::FormatError>(cfg, t, {"lora_magnitude_vector", "use_dora = false"}, add_m(out));
+      expect.operator()<lora::ShapeError>(edit_config(cfg, [](auto& j) { j["use_dora"] = true; }), t,
+                                          {"lora_magnitude_vector", "expected [" + std::to_string(out) + "]"},
+                                          add_m(out + 1));
+    }
     // An embedding cannot have lora_bias in PEFT.
     const std::string e = edit_config(read_text(fixture_dir / "embedding" / "adapter_config.json"),
                                       [](auto& j) { j["lora_bias"] = true; });
@@ -711,8 +741,20 @@ TEST_CASE("PEFT: missing files, pickle weights, DoRA fixture, garbage", "[io][pe
   std::ofstream(tmp.path / "adapter_config.json") << "{\"peft_type\": \"LORA\", \"r\": }";
   require_error<lora::FormatError>([&] { (void)lora::io::load_peft<float>(tmp.path); },
                                    {"adapter_config.json", "malformed JSON", "byte"});
-  require_error<lora::ValueError>([] { (void)lora::io::load_peft<float>(fixture_dir / "dora"); },
-                                  {"dora", "adapter_config.json", "use_dora", "DoRA", "not supported yet"});
+  // DoRA loads (the forward is checked with the fixtures), but is refused where
+  // only additive LoRA fits, and make_peft_dora refuses a plain LoRA module.
+  const auto dora = lora::io::load_peft<float>(fixture_dir / "dora");
+  REQUIRE(dora.config.use_dora);
+  for (const auto& m : dora.modules) CHECK(m.magnitude);
+  const auto plain = lora::io::load_peft<float>(fixture_dir / "plain");
+  const auto& pm = plain.modules.front();
+  require_error<lora::ValueError>(
+      [&] { (void)lora::io::make_peft_dora(pm, RowMatrix<float>(RowMatrix<float>::Zero(pm.B.rows(), pm.A.cols()))); },
+      {pm.path, "no DoRA magnitude", "AdaptedLinear"});
+  const auto& dm = dora.modules.front();
+  require_error<lora::ShapeError>(
+      [&] { (void)lora::io::make_peft_dora(dm, RowMatrix<float>(RowMatrix<float>::Zero(dm.B.rows() + 1, dm.A.cols()))); },
+      {dm.path, "[out, in]"});
 }
 
 TEST_CASE("PeftConfig::parse: wrong types are FormatError naming the key, unsupported options ValueError",
@@ -758,7 +800,6 @@ TEST_CASE("PeftConfig::parse: wrong types are FormatError naming the key, unsupp
       {"{\"peft_type\": \"LORA\", \"init_lora_weights\": \"olora\"}", false, {"olora"}},
       {"{\"peft_type\": \"LORA\", \"init_lora_weights\": \"loftq\"}", false, {"loftq"}},
       {"{\"peft_type\": \"LORA\", \"init_lora_weights\": \"corda\"}", false, {"corda"}},
-      {"{\"peft_type\": \"LORA\", \"use_dora\": true}", false, {"use_dora", "DoRA", "not supported yet"}},
       {"{\"peft_type\": \"LORA\", \"use_qalora\": true}", false, {"use_qalora"}},
       {"{\"peft_type\": \"LORA\", \"layer_replication\": [[0, 2]]}", false, {"layer_replication"}},
       {"{\"peft_type\": \"LORA\", \"alora_invocation_tokens\": [1, 2]}", false, {"alora_invocation_tokens"}},

@@ -60,6 +60,10 @@ GgufLoraAdapter peft_to_gguf(const PeftAdapter<T>& a, std::string architecture, 
     if (m.bias)
       lora::detail::raise<ValueError>(where, ": module '", m.path,
                                       "' has lora_B.bias (lora_bias = true), which a GGUF LoRA adapter cannot hold");
+    if (m.magnitude)
+      lora::detail::raise<ValueError>(where, ": module '", m.path,
+                                      "' is DoRA (use_dora, lora_magnitude_vector), which a GGUF LoRA adapter cannot "
+                                      "hold (llama.cpp has no DoRA)");
     RowMatrix<float> b = m.B.template cast<float>();
     if (const index_t h = detail::conversion::heads_for(*name, heads)) b = llama_rope_permute_rows(b, h);
     g.tensors.emplace(*name, fold_scale(m.A.template cast<float>(), b, m.scale(), g.alpha));
@@ -114,6 +118,10 @@ void add_peft_adapter(AdapterSet<Layer>& set, const PeftAdapter<T>& a, std::opti
     if (m.bias)
       lora::detail::raise<ValueError>(where, ": module '", m.path,
                                       "' has lora_B.bias (lora_bias = true); MultiAdapterLinear has no per-adapter bias");
+    if (m.magnitude)
+      lora::detail::raise<ValueError>(where, ": module '", m.path,
+                                      "' is DoRA (use_dora); a MultiAdapterLinear holds additive LoRA deltas "
+                                      "(lora::io::make_peft_dora builds the DoRA layer)");
   }
   if (set.contains_adapter(n)) lora::detail::raise<ValueError>(where, ": adapter '", n, "' is already in the set");
   try {

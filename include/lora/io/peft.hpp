@@ -225,7 +225,7 @@ struct PeftConfig {
   int r = 8;
   double lora_alpha = 8;
   bool use_rslora = false;
-  bool use_dora = false;        ///< always false after parse (DoRA is refused)
+  bool use_dora = false;        ///< DoRA: every linear module carries lora_magnitude_vector
   bool fan_in_fan_out = false;  ///< base weight stored [in, out] (GPT-2's Conv1D); A and B are not affected
   bool lora_bias = false;       ///< lora_B has a bias (PEFT's lora_bias=True)
   std::string bias = "none";    ///< "none", "all", "lora_only": trained base biases are in PeftAdapter::saved
@@ -293,6 +293,9 @@ struct PeftModule {
   RowMatrix<T> A, B;
   DeltaOptions options;  ///< PEFT's scale exactly (see PeftConfig::options_for)
   std::optional<Eigen::Matrix<T, Eigen::Dynamic, 1>> bias;  ///< lora_B.bias [out] (lora_bias=True)
+  /// DoRA's magnitude m [out] (lora_magnitude_vector, use_dora=True): build the
+  /// layer with make_peft_dora (<lora/io/peft_dora.hpp>).
+  std::optional<Eigen::Matrix<T, Eigen::Dynamic, 1>> magnitude;
   DType stored = DType::F32;  ///< dtype of lora_A in the file
   bool embedding = false;
 
@@ -451,9 +454,6 @@ inline PeftConfig PeftConfig::parse(std::string_view json_text, std::string_view
   c.fan_in_fan_out = get_bool("fan_in_fan_out", false);
   c.lora_bias = get_bool("lora_bias", false);
   c.use_dora = get_bool("use_dora", false);
-  if (c.use_dora)
-    raise<ValueError>(where, ": ", label,
-                      ": use_dora = true: DoRA (weight-decomposed LoRA, lora_magnitude_vector) is not supported yet");
   if (get_bool("use_qalora", false))
     raise<ValueError>(where, ": ", label,
                       ": use_qalora = true (QA-LoRA pools the input in groups before A) changes the forward and is "
@@ -772,14 +772,14 @@ namespace detail::peft {
 
 /// The LoRA tensors of one module, by the key each came from.
 struct ModuleKeys {
-  std::string a, b, bias, emb_a, emb_b;
+  std::string a, b, bias, emb_a, emb_b, magnitude;
 };
 
 /// Where a LoRA tensor belongs: its module path and its slot, or nothing for a
 /// tensor that is not a LoRA factor.
 struct LoraKey {
   std::string module;
-  enum Slot { a, b, b_bias, emb_a, emb_b } slot;
+  enum Slot { a, b, b_bias, emb_a, emb_b, magnitude } slot;
 };
 
 /// Classifies a key of adapter_model.safetensors (after "base_model.model.").
@@ -792,11 +792,6 @@ inline std::optional<LoraKey> classify(std::string_view where, std::string_view 
   const std::size_t n = c.size();
   for (const auto& part : c)
     if (part.empty()) raise<FormatError>(where, ": ", file, ": tensor '", key, "' has an empty path component");
-  for (std::size_t i = 0; i < n; ++i) {
-    if (c[i] == "lora_magnitude_vector")
-      raise<ValueError>(where, ": ", file, ": tensor '", key,
-                        "' is a DoRA magnitude vector: DoRA (use_dora) is not supported yet");
-  }
   auto is_ab = [](const std::string& s) { return s == "lora_A" || s == "lora_B"; };
   auto is_emb = [](const std::string& s) { return s == "lora_embedding_A" || s == "lora_embedding_B"; };
   auto check_name = [&](const std::string& name_in_key) {
@@ -805,6 +800,19 @@ inline std::optional<LoraKey> classify(std::string_view where, std::string_view 
                          "' but the adapter being loaded is '", adapter_name,
                          "' (PEFT would not load it: the key matches no parameter)");
   };
+  // <module>.lora_magnitude_vector (PEFT saves DoRA's m without ".<adapter>.weight";
+  // a key that keeps them is accepted as for lora_A / lora_B)
+  for (std::size_t i = 0; i < n; ++i) {
+    if (c[i] != "lora_magnitude_vector") continue;
+    const bool plain = i + 1 == n, weight = i + 2 == n && c[n - 1] == "weight",
+               named = i + 3 == n && c[n - 1] == "weight";
+    if (!plain && !weight && !named)
+      raise<FormatError>(where, ": ", file, ": tensor '", key,
+                         "': a DoRA magnitude key ends in lora_magnitude_vector[.<adapter>].weight");
+    if (named) check_name(c[i + 1]);
+    if (i == 0) raise<FormatError>(where, ": ", file, ": tensor '", key, "' names no module before ", c[i]);
+    return LoraKey{join(c, 0, i), LoraKey::magnitude};
+  }
   const std::string& last = c[n - 1];
   // <module>.lora_A|lora_B[.<adapter>].weight|bias
   if ((last == "weight" || last == "bias") && n >= 3) {
@@ -925,6 +933,7 @@ PeftAdapter<T> load_peft(const std::filesystem::path& dir, std::string_view adap
       case LoraKey::b_bias: slot = &slots.bias; break;
       case LoraKey::emb_a: slot = &slots.emb_a; break;
       case LoraKey::emb_b: slot = &slots.emb_b; break;
+      case LoraKey::magnitude: slot = &slots.magnitude; break;
     }
     if (!slot->empty())
       raise<FormatError>(where, ": ", label, ": tensors '", *slot, "' and '", key,
@@ -950,7 +959,7 @@ PeftAdapter<T> load_peft(const std::filesystem::path& dir, std::string_view adap
   };
 
   for (auto& [path, keys] : found) {
-    const bool linear = !keys.a.empty() || !keys.b.empty() || !keys.bias.empty();
+    const bool linear = !keys.a.empty() || !keys.b.empty() || !keys.bias.empty() || !keys.magnitude.empty();
     const bool emb = !keys.emb_a.empty() || !keys.emb_b.empty();
     if (linear && emb)
       raise<FormatError>(where, ": ", label, ": module '", path,
@@ -960,7 +969,7 @@ PeftAdapter<T> load_peft(const std::filesystem::path& dir, std::string_view adap
     const char* name_a = linear ? "lora_A.weight" : "lora_embedding_A";
     const char* name_b = linear ? "lora_B.weight" : "lora_embedding_B";
     if (ka.empty() || kb.empty()) {
-      const std::string& have = ka.empty() ? (kb.empty() ? keys.bias : kb) : ka;
+      const std::string& have = ka.empty() ? (kb.empty() ? (keys.bias.empty() ? keys.magnitude : keys.bias) : kb) : ka;
       raise<FormatError>(where, ": ", label, ": tensor '", have, "' has no matching ", ka.empty() ? name_a : name_b,
                          " for module '", path, "'");
     }
@@ -991,6 +1000,22 @@ PeftAdapter<T> load_peft(const std::filesystem::path& dir, std::string_view adap
     m.A = file.read<T>(ka);
     m.B = file.read<T>(kb);
     m.options = cfg.options_for(path);
+    if (emb && cfg.use_dora)
+      raise<ValueError>(where, ": ", cfg.label, ": use_dora = true on the embedding '", path,
+                        "': DoRA on embeddings is not supported (DoRALinear is a linear layer)");
+    if (!keys.magnitude.empty()) {
+      if (!cfg.use_dora)
+        raise<FormatError>(where, ": ", label, ": tensor '", keys.magnitude,
+                           "' is a DoRA magnitude but the config has use_dora = false (PEFT would not load it)");
+      const TensorInfo& tm = file.info(keys.magnitude);
+      if (tm.shape.size() != 1 || tm.shape[0] != tb.shape[0])
+        raise<ShapeError>(where, ": ", label, ": tensor '", keys.magnitude, "' has shape ", shape_str(tm.shape),
+                          ", expected [", tb.shape[0], "] (lora_B's rows, out_features)");
+      m.magnitude = file.read_vector<T>(keys.magnitude);
+    } else if (linear && cfg.use_dora) {
+      raise<FormatError>(where, ": ", label, ": module '", path,
+                         "' has no lora_magnitude_vector but the config has use_dora = true");
+    }
     if (emb && cfg.lora_bias)
       raise<ValueError>(where, ": ", cfg.label, ": lora_bias = true is not supported by PEFT for the embedding '",
                         path, "'");
@@ -1106,7 +1131,12 @@ PeftAdapter<T> make_peft_adapter(std::vector<PeftModule<T>> modules, PeftConfig 
     config.target_modules = std::move(paths);
   }
   config.peft_type = "LORA";
-  config.use_dora = false;
+  // DoRA is a per-config switch in PEFT: every module has m, or none.
+  const auto with_m = std::ranges::count_if(modules, [](const auto& m) { return m.magnitude.has_value(); });
+  if (with_m != 0 && with_m != static_cast<std::ptrdiff_t>(modules.size()))
+    lora::detail::raise<ValueError>("make_peft_adapter: ", with_m, " of ", modules.size(),
+                                    " modules carry a DoRA magnitude; PEFT's use_dora applies to all or none");
+  config.use_dora = with_m != 0;
   PeftAdapter<T> a;
   a.name = std::move(name);
   a.config = std::move(config);
@@ -1129,7 +1159,6 @@ void save_peft(const PeftAdapter<T>& a, const std::filesystem::path& dir, DType 
     raise<ValueError>(where, ": stored dtype ", dtype_name(stored), " is not F32, F16, BF16 or F64");
   const PeftConfig& cfg = a.config;
   if (cfg.peft_type != "LORA") raise<ValueError>(where, ": peft_type '", cfg.peft_type, "' is not LORA");
-  if (cfg.use_dora) raise<ValueError>(where, ": use_dora = true: DoRA is not supported yet");
 
   SafetensorsWriter w;
   w.set_metadata("format", "pt");
@@ -1156,8 +1185,12 @@ void save_peft(const PeftAdapter<T>& a, const std::filesystem::path& dir, DType 
                         " (alpha ", cfg.alpha_for(p), ", ", cfg.use_rslora ? "alpha / sqrt(r)" : "alpha / r",
                         "; set lora_alpha / alpha_pattern / use_rslora, or use make_peft_adapter)");
     const std::string base = std::string(detail::peft::key_prefix) + p;
+    if (cfg.use_dora != m.magnitude.has_value())
+      raise<ValueError>(where, ": module '", p, "' ", m.magnitude ? "has" : "has no",
+                        " DoRA magnitude but the config has use_dora = ", cfg.use_dora ? "true" : "false");
     if (m.embedding) {
       if (m.bias) raise<ValueError>(where, ": embedding module '", p, "' has a bias; PEFT's embedding LoRA has none");
+      if (m.magnitude) raise<ValueError>(where, ": embedding module '", p, "': DoRA on embeddings is not supported");
       w.add(base + ".lora_embedding_A", m.A, stored);
       w.add(base + ".lora_embedding_B", m.B, stored);
       continue;
@@ -1174,6 +1207,12 @@ void save_peft(const PeftAdapter<T>& a, const std::filesystem::path& dir, DType 
     } else if (cfg.lora_bias) {
       // PEFT creates a lora_B bias on every module when lora_bias is set: no bias is a zero one.
       w.add_vector(base + ".lora_B.bias", Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(m.B.rows()), stored);
+    }
+    if (m.magnitude) {
+      if (m.magnitude->size() != m.B.rows())
+        raise<ShapeError>(where, ": module '", p, "': the DoRA magnitude has ", m.magnitude->size(),
+                          " entries, lora_B has ", m.B.rows(), " rows");
+      w.add_vector(base + ".lora_magnitude_vector", *m.magnitude, stored);
     }
   }
   for (const auto& [key, value] : a.saved) {
