@@ -1,5 +1,5 @@
 // Distributed LoRA (lora::dist): run as one process and under mpirun at 2 and
-// 3 ranks (tests/mpi/CMakeLists.txt); main is tests/mpi/mpi_main.cpp. Every rank runs every test case; each
+// 3 ranks (tests/mpi/CMakeLists.txt); MPI starts before Catch's main (below). Every rank runs every test case; each
 // check is first combined over ranks (worst value, MPI_MAX), so all ranks
 // assert the same thing and a failure on one rank cannot leave the others
 // waiting in a collective.
@@ -37,13 +37,23 @@ using LMat = lora::RowMatrix<long double>;
 
 }  // namespace
 
-// The world communicator, made by main (tests/mpi/mpi_main.cpp) between
-// MPI_Init and MPI_Finalize.
-lora::dist::MpiCommunicator& lora_test_world();
-
 namespace {
 
-dist::MpiCommunicator& world() { return lora_test_world(); }
+// MPI for the whole binary: MPI_Init during static initialisation (before
+// Catch's main, tests/catch_main.cpp, shared with every other test binary, so
+// no second copy of Catch's implementation is compiled), MPI_Finalize at exit.
+// mpirun fails the run when any rank exits non-zero.
+struct MpiForTests {
+  lora::dist::MpiSession session;
+  lora::dist::MpiCommunicator world;  // freed before MPI_Finalize (declared after the session)
+};
+MpiForTests& mpi_for_tests() {
+  static MpiForTests m;
+  return m;
+}
+[[maybe_unused]] const bool mpi_started = (mpi_for_tests(), true);
+
+dist::MpiCommunicator& world() { return mpi_for_tests().world; }
 
 // The worst value over ranks: every rank then checks the same number.
 double global_max(double v) {
