@@ -6,6 +6,8 @@
 
 #include <Eigen/Eigenvalues>
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -23,6 +25,9 @@
 // Eigen's scratch goes through malloc and is covered by the workspace
 // capacity checks instead.
 namespace {
+
+using support::fill;
+using support::message_of;
 std::atomic<long> g_news{0};
 }
 // noinline: GCC would otherwise inline free() into call sites of operator
@@ -60,12 +65,6 @@ using lora::RowMatrix;
 using lora::WeightedDelta;
 using LD = long double;
 using MatL = RowMatrix<LD>;
-
-template <class M>
-void fill(M& m, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  lora::EigenBackend::fill_random(m, lora::UniformDist{lo, hi}, seed, 77);
-}
-
 LowRankDelta<float> random_delta(index_t out, index_t in, index_t r, lora::DeltaOptions o, std::uint64_t seed) {
   LowRankDelta<float> d{out, in, r, o};
   d.init(lora::init::UniformBoth{0.5}, seed);
@@ -125,17 +124,6 @@ void check_close(const YM& Y, const Reference& ref, index_t depth) {
 }
 
 LD max_abs(const MatL& m) { return m.cwiseAbs().maxCoeff(); }
-
-template <class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
-
 // Three adapters of ranks 1, 4, 16 with the three scaling rules and a multiplier.
 struct Trio {
   index_t out = 40, in = 64;

@@ -8,6 +8,8 @@
 #include <lora/dora.hpp>
 
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -20,32 +22,15 @@
 
 namespace {
 
+using support::fill;
+using support::rel_err;
+
 using lora::index_t;
 using lora::RowMatrix;
 namespace train = lora::train;
 using LM = RowMatrix<long double>;
 template <class T>
 using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-
-template <class M>
-void fill(M& m, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  lora::EigenBackend::fill_random(m, lora::UniformDist{lo, hi}, seed, 91);
-}
-
-// max |a - b| / max |b|
-template <class A, class B>
-long double rel_err(const A& a, const B& b) {
-  REQUIRE(a.rows() == b.rows());
-  REQUIRE(a.cols() == b.cols());
-  long double num = 0, den = 0;
-  for (index_t i = 0; i < b.rows(); ++i)
-    for (index_t j = 0; j < b.cols(); ++j) {
-      num = std::max(num, std::fabs((long double)a(i, j) - (long double)b(i, j)));
-      den = std::max(den, std::fabs((long double)b(i, j)));
-    }
-  return den > 0 ? num / den : num;
-}
-
 template <class M>
 LM ld(const M& m) {
   return m.template cast<long double>();

@@ -6,6 +6,8 @@
 // and the typed errors of bad ids and shapes.
 #include <catch2/catch.hpp>
 
+#include "support.hpp"
+
 #include <lora/adapted_embedding.hpp>
 #include <lora/io/peft.hpp>
 
@@ -28,22 +30,17 @@ using RowMatrixLD = RowMatrix<LD>;
 
 namespace {
 
-template <class M>
-void fill_random(M& m, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<double> dist(lo, hi);
-  for (index_t i = 0; i < m.rows(); ++i)
-    for (index_t j = 0; j < m.cols(); ++j) m(i, j) = static_cast<typename M::Scalar>(dist(gen));
-}
-
+using support::fill;
+using support::rel_err;
+using support::message_of;
 /// A delta in PEFT's embedding layout with random A [r, V] and B [dim, r] (both
 /// non-zero, unlike PEFT's init, so the term is exercised).
 template <class T, int R>
 lora::LowRankDelta<T, R> make_delta(index_t dim, index_t vocab, index_t rank, std::uint64_t seed,
                                     lora::DeltaOptions o = {.alpha = 6}) {
   lora::LowRankDelta<T, R> d(dim, vocab, rank, o);
-  fill_random(d.A(), seed);
-  fill_random(d.B(), seed + 1);
+  fill(d.A(), seed);
+  fill(d.B(), seed + 1);
   return d;
 }
 
@@ -60,27 +57,6 @@ RowMatrixLD gather(const RowMatrixLD& full, const std::vector<Id>& ids) {
   for (std::size_t i = 0; i < ids.size(); ++i) out.row(static_cast<index_t>(i)) = full.row(static_cast<index_t>(ids[i]));
   return out;
 }
-
-/// max |got - ref| / max(|ref|, tiny).
-template <class M>
-double rel_err(const M& got, const RowMatrixLD& ref) {
-  REQUIRE(got.rows() == ref.rows());
-  REQUIRE(got.cols() == ref.cols());
-  if (ref.size() == 0) return 0.0;
-  const LD scale = std::max<LD>(ref.cwiseAbs().maxCoeff(), 1e-30L);
-  return static_cast<double>((got.template cast<LD>() - ref).cwiseAbs().maxCoeff() / scale);
-}
-
-template <class E>
-std::string message_of(E&& f) {
-  try {
-    f();
-  } catch (const lora::Error& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
-
 const std::vector<std::int64_t> batch_ids = {0, 5, 3, 5, 12, 0, 5, 12};  // duplicates, first and last of V = 13
 
 }  // namespace
@@ -88,7 +64,7 @@ const std::vector<std::int64_t> batch_ids = {0, 5, 3, 5, 12, 0, 5, 12};  // dupl
 TEST_CASE("AdaptedEmbedding forward equals the dense reference (static and dynamic rank)", "[embedding]") {
   const index_t V = 13, dim = 7;
   RowMatrix<double> table(V, dim);
-  fill_random(table, 1);
+  fill(table, 1);
 
   SECTION("static rank, float") {
     RowMatrix<float> tf = table.cast<float>();
@@ -151,7 +127,7 @@ TEST_CASE("AdaptedEmbedding forward equals the dense reference (static and dynam
 TEST_CASE("AdaptedEmbedding forward is const and thread-safe", "[embedding]") {
   const index_t V = 50, dim = 24;
   RowMatrix<float> table(V, dim);
-  fill_random(table, 2);
+  fill(table, 2);
   const lora::AdaptedEmbedding emb{table, make_delta<float, 4>(dim, V, 4, 3)};
   std::vector<std::int64_t> ids(300);
   for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int64_t>((i * 7) % V);
@@ -171,7 +147,7 @@ TEST_CASE("AdaptedEmbedding forward is const and thread-safe", "[embedding]") {
 TEST_CASE("AdaptedEmbedding over bf16 and NF4 tables decodes only the looked-up rows", "[embedding]") {
   const index_t V = 40, dim = 16;
   RowMatrix<float> table(V, dim);
-  fill_random(table, 4);
+  fill(table, 4);
   const auto d = make_delta<float, 4>(dim, V, 4, 5);
   const std::vector<std::int64_t> ids = {39, 0, 17, 17, 2};
 
@@ -199,17 +175,17 @@ TEST_CASE("AdaptedEmbedding over bf16 and NF4 tables decodes only the looked-up 
 TEST_CASE("AdaptedEmbedding backward equals the dense reference and finite differences", "[embedding]") {
   const index_t V = 11, dim = 6;
   RowMatrix<double> table(V, dim);
-  fill_random(table, 6);
+  fill(table, 6);
   const std::vector<std::int64_t> ids = {3, 10, 3, 0, 3, 7};  // 3 three times: its dA column accumulates
   const index_t n = static_cast<index_t>(ids.size());
   RowMatrix<double> g(n, dim);
-  fill_random(g, 7);
+  fill(g, 7);
 
   auto check_layer = [&]<int R>(index_t rank) {
     lora::AdaptedEmbedding emb{table, make_delta<double, R>(dim, V, rank, 8)};
     auto grads = emb.delta().make_gradients();
-    fill_random(grads.dA(), 99);  // overwritten, not accumulated into
-    fill_random(grads.dB(), 98);
+    fill(grads.dA(), 99);  // overwritten, not accumulated into
+    fill(grads.dB(), 98);
     emb.backward(ids, g, grads);
 
     // Dense reference: L = <G, Y>, Y = onehot(ids) (E + s A^T B^T)
@@ -274,14 +250,14 @@ TEST_CASE("AdaptedEmbedding backward equals the dense reference and finite diffe
 TEST_CASE("AdaptedEmbedding trains with the library's optimizers", "[embedding]") {
   const index_t V = 9, dim = 5;
   RowMatrix<float> table(V, dim);
-  fill_random(table, 11);
+  fill(table, 11);
   lora::AdaptedEmbedding emb{table, make_delta<float, 2>(dim, V, 2, 12)};
   lora::train::Gradients<decltype(emb)> grads(emb);
   lora::train::SGD<float> opt({.lr = 0.1});
   opt.add(emb, grads, "embed");
   const std::vector<std::int32_t> ids = {1, 4, 4};
   RowMatrix<float> g(3, dim);
-  fill_random(g, 13);
+  fill(g, 13);
   const RowMatrix<float> a0 = emb.delta().A(), b0 = emb.delta().B();
   emb.backward(ids, g, grads);
   opt.step();
@@ -297,7 +273,7 @@ TEST_CASE("AdaptedEmbedding trains with the library's optimizers", "[embedding]"
 TEST_CASE("AdaptedEmbedding merge / unmerge / merged_table", "[embedding]") {
   const index_t V = 13, dim = 7;
   RowMatrix<float> table(V, dim);
-  fill_random(table, 21);
+  fill(table, 21);
   const RowMatrix<float> original = table;
   lora::AdaptedEmbedding emb{table, make_delta<float, 3>(dim, V, 3, 22)};
   const RowMatrixLD ref = dense_table(original, emb.delta());
@@ -416,7 +392,7 @@ TEST_CASE("AdaptedEmbedding equals loralib's Embedding on the saved fixture", "[
 TEST_CASE("AdaptedEmbedding errors", "[embedding][errors]") {
   const index_t V = 13, dim = 7;
   RowMatrix<float> table(V, dim);
-  fill_random(table, 31);
+  fill(table, 31);
   lora::AdaptedEmbedding emb{table, make_delta<float, 3>(dim, V, 3, 32)};
   RowMatrix<float> y = RowMatrix<float>::Constant(4, dim, 7.0f);
   const RowMatrix<float> y0 = y;

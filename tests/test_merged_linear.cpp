@@ -7,6 +7,8 @@
 // errors.
 #include <catch2/catch.hpp>
 
+#include "support.hpp"
+
 #include <lora/merged_linear.hpp>
 #include <lora/io/safetensors.hpp>
 
@@ -27,14 +29,9 @@ using RowMatrixLD = RowMatrix<LD>;
 
 namespace {
 
-template <class M>
-void fill_random(M& m, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<double> dist(-1.0, 1.0);
-  for (index_t i = 0; i < m.rows(); ++i)
-    for (index_t j = 0; j < m.cols(); ++j) m(i, j) = static_cast<typename M::Scalar>(dist(gen));
-}
-
+using support::fill;
+using support::rel_err;
+using support::message_of;
 template <class T, int R>
 std::vector<lora::LowRankDelta<T, R>> make_deltas(const std::vector<index_t>& sizes, const std::vector<bool>& mask,
                                                   index_t in, index_t rank, std::uint64_t seed) {
@@ -43,8 +40,8 @@ std::vector<lora::LowRankDelta<T, R>> make_deltas(const std::vector<index_t>& si
     if (mask[k]) {
       // A different alpha per slice, so a slice mix-up changes the numbers.
       lora::LowRankDelta<T, R> d(sizes[k], in, rank, {.alpha = 2.0 + static_cast<double>(k)});
-      fill_random(d.A(), seed + 2 * k);
-      fill_random(d.B(), seed + 2 * k + 1);
+      fill(d.A(), seed + 2 * k);
+      fill(d.B(), seed + 2 * k + 1);
       out.push_back(std::move(d));
     }
   return out;
@@ -62,27 +59,6 @@ RowMatrixLD dense_weight(const RowMatrixLD& w, const Layer& layer) {
   }
   return out;
 }
-
-/// max |got - ref| / max(|ref|, tiny).
-template <class M>
-double rel_err(const M& got, const RowMatrixLD& ref) {
-  REQUIRE(got.rows() == ref.rows());
-  REQUIRE(got.cols() == ref.cols());
-  if (ref.size() == 0) return 0.0;
-  const LD scale = std::max<LD>(ref.cwiseAbs().maxCoeff(), 1e-30L);
-  return static_cast<double>((got.template cast<LD>() - ref).cwiseAbs().maxCoeff() / scale);
-}
-
-template <class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const lora::Error& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
-
 template <class T>
 constexpr double eps = std::numeric_limits<T>::epsilon();
 
@@ -95,9 +71,9 @@ TEST_CASE("MergedLinear forward equals the dense reference", "[merged_linear]") 
     const std::vector<bool> mask = {true, false, true};
     RowMatrix<float> w(24, in), x(n, in);
     Eigen::VectorXf b(24);
-    fill_random(w, 1);
-    fill_random(x, 2);
-    fill_random(b, 3);
+    fill(w, 1);
+    fill(x, 2);
+    fill(b, 3);
     lora::MergedLinear layer{w, b, sizes, mask, make_deltas<float, 4>(sizes, mask, in, 4, 10)};
     STATIC_REQUIRE(decltype(layer)::rank_at_compile_time == 4);
     CHECK(layer.deltas().size() == 2);
@@ -121,8 +97,8 @@ TEST_CASE("MergedLinear forward equals the dense reference", "[merged_linear]") 
     const std::vector<index_t> sizes = {5, 3, 7};
     const std::vector<bool> mask = {true, true, false};
     RowMatrix<double> w(15, in), x(n, in);
-    fill_random(w, 4);
-    fill_random(x, 5);
+    fill(w, 4);
+    fill(x, 5);
     lora::MergedLinear layer{Eigen::Map<const RowMatrix<double>>(w.data(), 15, in), sizes, mask,
                              make_deltas<double, lora::dynamic>(sizes, mask, in, 3, 20)};
     CHECK(layer.base_weight().data() == w.data());
@@ -141,8 +117,8 @@ TEST_CASE("MergedLinear forward equals the dense reference", "[merged_linear]") 
   SECTION("every slice disabled: the plain linear layer") {
     const std::vector<index_t> sizes = {4, 6};
     RowMatrix<double> w(10, in), x(n, in);
-    fill_random(w, 6);
-    fill_random(x, 7);
+    fill(w, 6);
+    fill(x, 7);
     lora::MergedLinear<RowMatrix<double>, lora::LowRankDelta<double>> layer{w, sizes, {false, false}, {}};
     CHECK(layer.deltas().empty());
     CHECK(layer.deltas().trainable_parameters() == 0);
@@ -153,8 +129,8 @@ TEST_CASE("MergedLinear forward equals the dense reference", "[merged_linear]") 
   }
   SECTION("zero-initialised deltas from the rank constructor start equal to the base") {
     RowMatrix<double> w(9, in), x(n, in);
-    fill_random(w, 8);
-    fill_random(x, 9);
+    fill(w, 8);
+    fill(x, 9);
     lora::MergedLinear<RowMatrix<double>, lora::LowRankDelta<double, 2>> layer{w, {3, 3, 3}, {false, true, true}, 2,
                                                                                {.alpha = 16}};
     CHECK(layer.slice_delta(1).rank() == 2);
@@ -168,8 +144,8 @@ TEST_CASE("MergedLinear over bf16 and NF4 bases equals the layer over the decode
   const std::vector<index_t> sizes = {16, 32, 16};
   const std::vector<bool> mask = {true, false, true};
   RowMatrix<float> w(64, in), x(n, in);
-  fill_random(w, 30);
-  fill_random(x, 31);
+  fill(w, 30);
+  fill(x, 31);
   const auto deltas = make_deltas<float, 4>(sizes, mask, in, 4, 32);
   SECTION("bf16") {
     const RowMatrix<Eigen::bfloat16> w16 = w.cast<Eigen::bfloat16>();
@@ -189,7 +165,7 @@ TEST_CASE("MergedLinear over bf16 and NF4 bases equals the layer over the decode
     CHECK(lq.merged_weight() == lf.merged_weight());
     // dX through the NF4 base
     RowMatrix<float> g(n, 64), dxq(n, in), dxf(n, in);
-    fill_random(g, 33);
+    fill(g, 33);
     auto gq = lq.delta().make_gradients();
     auto gf = lf.delta().make_gradients();
     lq.backward(x, g, gq, dxq);
@@ -204,8 +180,8 @@ TEST_CASE("MergedLinear forward is const and thread-safe", "[merged_linear]") {
   const std::vector<index_t> sizes = {8, 8, 8};
   const std::vector<bool> mask = {true, true, true};
   RowMatrix<float> w(24, in), x(40, in);
-  fill_random(w, 40);
-  fill_random(x, 41);
+  fill(w, 40);
+  fill(x, 41);
   const lora::MergedLinear layer{w, sizes, mask, make_deltas<float, 4>(sizes, mask, in, 4, 42)};
   const RowMatrix<float> want = layer.forward(x);
   std::vector<int> ok(4, 0);
@@ -228,14 +204,14 @@ TEST_CASE("MergedLinear backward equals the dense reference", "[merged_linear]")
     for (index_t s : sizes) out += s;
     RowMatrix<T> w(out, in), x(n, in), g(n, out);
     Eigen::Matrix<T, Eigen::Dynamic, 1> b(out);
-    fill_random(w, 50);
-    fill_random(x, 51);
-    fill_random(g, 52);
-    fill_random(b, 53);
+    fill(w, 50);
+    fill(x, 51);
+    fill(g, 52);
+    fill(b, 53);
     lora::MergedLinear layer{w, b, sizes, mask, make_deltas<T, R>(sizes, mask, in, rank, 54)};
     lora::train::Gradients<decltype(layer)> grads(layer, /*train_bias=*/true);
     RowMatrix<T> dx(n, in);
-    fill_random(dx, 55);  // overwritten
+    fill(dx, 55);  // overwritten
     layer.backward(x, g, grads, dx);
 
     // L = <G, Y>: dA_k = s_k (G_k B_k)^T X, dB_k = s_k G_k^T X A_k^T, dX = G W_eff, db = sum_t G[t]
@@ -289,8 +265,8 @@ TEST_CASE("MergedLinear merge / unmerge / safe_merge / merged_weight", "[merged_
   const std::vector<index_t> sizes = {6, 2, 6};
   const std::vector<bool> mask = {true, false, true};
   RowMatrix<float> w(14, in), x(n, in);
-  fill_random(w, 60);
-  fill_random(x, 61);
+  fill(w, 60);
+  fill(x, 61);
   const RowMatrix<float> original = w;
   lora::MergedLinear layer{w, sizes, mask, make_deltas<float, 4>(sizes, mask, in, 4, 62)};
   const RowMatrixLD ref = dense_weight(original.cast<LD>(), layer);
@@ -335,9 +311,9 @@ TEST_CASE("MergedLinear trains with lora::train's optimizers", "[merged_linear]"
   const std::vector<index_t> sizes = {4, 4, 4};
   const std::vector<bool> mask = {true, false, true};
   RowMatrix<float> w(12, in), x(n, in), g(n, 12);
-  fill_random(w, 70);
-  fill_random(x, 71);
-  fill_random(g, 72);
+  fill(w, 70);
+  fill(x, 71);
+  fill(g, 72);
   lora::MergedLinear layer{w, sizes, mask, make_deltas<float, 2>(sizes, mask, in, 2, 73)};
   lora::train::Gradients<decltype(layer)> grads(layer);
   lora::train::SGD<float> opt({.lr = 0.1, .lora_plus_ratio = 2.0});
@@ -359,8 +335,8 @@ TEST_CASE("loralib layout: merged_deltas / merged_factors", "[merged_linear][lor
   const index_t in = 6, d = 4, r = 2;
   // enable {T, F, T}: K = 2 enabled slices; lora_A [r K, in], lora_B [d K, r]
   RowMatrix<double> la(r * 2, in), lb(d * 2, r);
-  fill_random(la, 80);
-  fill_random(lb, 81);
+  fill(la, 80);
+  fill(lb, 81);
   const auto deltas = lora::loralib::merged_deltas<double>(la, lb, {true, false, true}, 3 * d, 8.0);
   REQUIRE(deltas.size() == 2);
   // slice j reads rows [j r, (j + 1) r) of lora_A and [j d, (j + 1) d) of lora_B; s = alpha / r
@@ -368,7 +344,7 @@ TEST_CASE("loralib layout: merged_deltas / merged_factors", "[merged_linear][lor
   CHECK(deltas[1].B() == lb.middleRows(4, 4));
   CHECK(deltas[0].scale() == 4.0);
   RowMatrix<double> w(3 * d, in);
-  fill_random(w, 82);
+  fill(w, 82);
   lora::MergedLinear layer{w, lora::loralib::slice_sizes(3 * d, 3), {true, false, true}, deltas};
   const auto f = lora::loralib::merged_factors(layer);
   CHECK(f.lora_A == la);
@@ -466,14 +442,14 @@ TEST_CASE("MergedLinear errors", "[merged_linear][errors]") {
   const std::vector<index_t> sizes = {4, 4, 4};
   const std::vector<bool> mask = {true, false, true};
   RowMatrix<float> w(12, in);
-  fill_random(w, 90);
+  fill(w, 90);
   using Layer = lora::MergedLinear<RowMatrix<float>, lora::LowRankDelta<float, 2>>;
   const auto good = make_deltas<float, 2>(sizes, mask, in, 2, 91);
   Layer layer{w, sizes, mask, good};
   RowMatrix<float> y = RowMatrix<float>::Constant(3, 12, 7.0f);
   const RowMatrix<float> y0 = y;
   RowMatrix<float> x(3, in);
-  fill_random(x, 92);
+  fill(x, 92);
 
   struct Case {
     std::string name;

@@ -13,6 +13,8 @@
 #include <lora/adapter_set.hpp>
 
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -26,18 +28,14 @@
 
 namespace {
 
+using support::fill;
+
 using lora::index_t;
 using lora::LowRankDelta;
 using lora::RowMatrix;
 using LD = long double;
 using MatL = RowMatrix<LD>;
 using Layer = lora::MultiAdapterLinear<RowMatrix<float>>;
-
-template <class M>
-void fill(M& m, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  lora::EigenBackend::fill_random(m, lora::UniformDist{lo, hi}, seed, 91);
-}
-
 LowRankDelta<float> random_delta(index_t out, index_t in, index_t r, double alpha, std::uint64_t seed) {
   LowRankDelta<float> d{out, in, r, {.alpha = alpha}};
   d.init(lora::init::UniformBoth{0.5}, seed);

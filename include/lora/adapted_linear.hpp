@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "adapter.hpp"
+#include "detail/linear_layer.hpp"
 #include "expr/evaluate.hpp"
 #include "low_rank_delta.hpp"
 
@@ -30,7 +31,7 @@ namespace lora {
 /// only reads W, A, B and allocates the [n, r] intermediate (nothing when the
 /// caller passes a workspace).
 template <BaseWeight Base, class Delta>
-class AdaptedLinear {
+class AdaptedLinear : public detail::LinearForwards<AdaptedLinear<Base, Delta>> {
   static_assert(Adapter<Delta>,
                 "lora::AdaptedLinear<Base, Delta>: Delta is not a lora::Adapter; it needs scalar, backend, "
                 "gradients, rank_at_compile_time, in/out_features(), rank(), scale(), expression(), "
@@ -70,9 +71,7 @@ class AdaptedLinear {
   AdaptedLinear(Base weight, bias_type bias, Delta delta)
       : w_(std::move(weight)), bias_(std::move(bias)), delta_(std::move(delta)) {
     check_shapes();
-    if (bias_.rows() != out_features())
-      detail::raise<ShapeError>("AdaptedLinear: bias has ", bias_.rows(),
-                                 " entries, expected out_features = ", out_features());
+    detail::check_bias_length("AdaptedLinear", bias_, out_features());
   }
 
   index_t in_features() const { return w_.cols(); }
@@ -121,27 +120,9 @@ class AdaptedLinear {
     if (has_bias()) BackendOps<backend>::add_to_rows(scalar(1), bias_, y);
   }
 
-  template <Matrix X, Matrix Y>
-  void forward(const X& x, Y&& y) const {
-    workspace ws;
-    forward(x, std::forward<Y>(y), ws);
-  }
-
-  /// Returns Y [n, out]; a compile-time column vector x [in] is one token and
-  /// gives a vector [out].
-  template <Matrix X>
-  auto forward(const X& x) const {
-    if constexpr (matrix_traits_t<X>::vector) {
-      bias_type y(out_features());
-      forward(backend::as_row(x), backend::as_row(y));
-      return y;
-    } else {
-      typename backend::template matrix<scalar> y;
-      backend::resize(y, x.rows(), out_features());
-      forward(x, y);
-      return y;
-    }
-  }
+  /// forward(x, y) (a workspace per call) and forward(x) (returns Y [n, out];
+  /// a compile-time column vector x [in] is one token and gives a vector [out]).
+  using detail::LinearForwards<AdaptedLinear>::forward;
 
   /// The one shape check of every forward, inference and training: X [n, in],
   /// Y [n, out], same scalar, no overlap; static extents at compile time.
@@ -157,14 +138,7 @@ class AdaptedLinear {
                   "lora::AdaptedLinear::forward: X has a different scalar type than the layer; cast it "
                   "with .template cast<T>() first");
     check_consistent(where);
-    if (x.cols() != in_features())
-      detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ",
-                                 in_features());
-    if (y.rows() != x.rows() || y.cols() != out_features())
-      detail::raise<ShapeError>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [",
-                                 x.rows(), ", ", out_features(), "]");
-    if (backend::overlaps(x, y))
-      detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
+    detail::check_linear_io<backend>(where, x, y, in_features(), out_features());
   }
 
   /// Throws lora::ShapeError when a tensor reachable through a writable
@@ -172,14 +146,8 @@ class AdaptedLinear {
   /// shape. Every entry point that reads them calls this first, so a resized
   /// factor is an error, never a read past the end of a buffer.
   void check_consistent(const char* where) const {
-    delta_.check_consistent(where);
-    if (delta_.out_features() != out_features() || delta_.in_features() != in_features())
-      detail::raise<ShapeError>(where, ": the base weight is [out, in] = [", out_features(), ", ", in_features(),
-                                 "] but the delta is now [", delta_.out_features(), ", ", delta_.in_features(),
-                                 "]; a factor was resized");
-    if (has_bias() && (bias_.rows() != out_features() || bias_.cols() != 1))
-      detail::raise<ShapeError>(where, ": the bias is now [", bias_.rows(), ", ", bias_.cols(),
-                                 "], expected a vector of out_features = ", out_features(), " entries");
+    detail::check_delta_shape(where, delta_, out_features(), in_features());
+    if (has_bias()) detail::check_bias_length(where, bias_, out_features());
   }
 
   // ---- merge ----------------------------------------------------------------------
@@ -236,13 +204,7 @@ class AdaptedLinear {
                   "read-only (e.g. Eigen::Map<const RowMatrix<T>>); wrap the buffer in a writable "
                   "Eigen::Map<RowMatrix<T>> or let the layer own a copy");
   }
-  void check_shapes() const {
-    delta_.check_consistent("AdaptedLinear");
-    if (delta_.out_features() != out_features() || delta_.in_features() != in_features())
-      detail::raise<ShapeError>("AdaptedLinear: base weight is [out, in] = [", out_features(), ", ",
-                                 in_features(), "] but the delta is [", delta_.out_features(), ", ",
-                                 delta_.in_features(), "]");
-  }
+  void check_shapes() const { detail::check_delta_shape("AdaptedLinear", delta_, out_features(), in_features()); }
 
   Base w_;
   bias_type bias_;

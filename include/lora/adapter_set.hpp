@@ -246,7 +246,7 @@ class MultiAdapterGradients {
 ///
 /// A moved-from layer may only be destroyed or assigned to.
 template <BaseWeight Base, class T>
-class MultiAdapterLinear {
+class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base, T>> {
  public:
   using base_type = Base;
   using scalar = T;
@@ -293,9 +293,7 @@ class MultiAdapterLinear {
 
   MultiAdapterLinear(Base weight, bias_type bias)
       : w_(std::move(weight)), bias_(std::move(bias)), s_(std::make_unique<State>()) {
-    if (bias_.rows() != out_features())
-      detail::raise<ShapeError>("MultiAdapterLinear: bias has ", bias_.rows(), " entries, expected out_features = ",
-                                out_features());
+    detail::check_bias_length("MultiAdapterLinear", bias_, out_features());
   }
 
   index_t in_features() const { return w_.cols(); }
@@ -492,14 +490,7 @@ class MultiAdapterLinear {
   void forward(const X& x, Y&& y, workspace& ws) const {
     static_assert(std::is_same_v<scalar_of_t<X>, T>,
                   "lora::MultiAdapterLinear::forward: X has a different scalar type than the layer");
-    const char* where = "MultiAdapterLinear::forward";
-    if (x.cols() != in_features())
-      detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ", in_features());
-    if (y.rows() != x.rows() || y.cols() != out_features())
-      detail::raise<ShapeError>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [", x.rows(),
-                                ", ", out_features(), "]");
-    if (backend::overlaps(x, y))
-      detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
+    detail::check_linear_io<backend>("MultiAdapterLinear::forward", x, y, in_features(), out_features());
     // One load: every term below comes from the same active set.
     const std::shared_ptr<const Snapshot> snap = snapshot();
     expr::apply(expr::base_leaf(w_), x, y, T(1), T(0), ws);  // Y = X W^T (merged: W holds the deltas)
@@ -508,25 +499,9 @@ class MultiAdapterLinear {
     if (has_bias()) BackendOps<backend>::add_to_rows(T(1), bias_, y);
   }
 
-  template <Matrix X, Matrix Y>
-  void forward(const X& x, Y&& y) const {
-    workspace ws;
-    forward(x, std::forward<Y>(y), ws);
-  }
-
-  /// Returns Y [n, out]; a compile-time column vector x [in] gives y [out].
-  template <Matrix X>
-  auto forward(const X& x) const {
-    if constexpr (matrix_traits_t<X>::vector) {
-      bias_type y(out_features());
-      forward(backend::as_row(x), backend::as_row(y));
-      return y;
-    } else {
-      typename backend::template matrix<T> y(x.rows(), out_features());
-      forward(x, y);
-      return y;
-    }
-  }
+  /// forward(x, y) (a workspace per call) and forward(x) (returns Y [n, out];
+  /// a compile-time column vector x [in] gives y [out]).
+  using detail::LinearForwards<MultiAdapterLinear>::forward;
 
   /// The effective weight, dense: W (dequantised) + sum of the active deltas.
   typename backend::template matrix<T> merged_weight() const {

@@ -215,7 +215,7 @@ class DoRAWorkspace {
 ///
 /// forward() is const and thread-safe (each call its own workspace).
 template <BaseWeight Base, class T, int Rank>
-class DoRALinear {
+class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
  public:
   using base_type = Base;
   using scalar = T;
@@ -332,17 +332,8 @@ class DoRALinear {
       run_forward(x, y, ws, nullptr, 0);
     }
   }
-  template <Matrix X, Matrix Y>
-  void forward(const X& x, Y&& y) const {
-    workspace ws;
-    forward(x, std::forward<Y>(y), ws);
-  }
-  template <Matrix X>
-  RowMatrix<T> forward(const X& x) const {
-    RowMatrix<T> y(x.rows(), out_features());
-    forward(x, y);
-    return y;
-  }
+  /// forward(x, y) (a workspace per call) and forward(x) (returns Y).
+  using detail::LinearForwards<DoRALinear>::forward;
 
   /// Training forward (train::forward calls it): the same computation, its
   /// intermediates left in the tape. With dropout active, PEFT's placement:
@@ -364,24 +355,12 @@ class DoRALinear {
     static_assert(std::is_same_v<scalar_of_t<X>, T>,
                   "lora::DoRALinear::forward: X has a different scalar type than the layer; cast it first");
     check_consistent(where);
-    if (x.cols() != in_features())
-      detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ", in_features());
-    if (y.rows() != x.rows() || y.cols() != out_features())
-      detail::raise<ShapeError>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [", x.rows(),
-                                 ", ", out_features(), "]");
-    if (backend::overlaps(x, y))
-      detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
+    detail::check_linear_io<backend>(where, x, y, in_features(), out_features());
   }
 
   void check_consistent(const char* where) const {
-    delta_.check_consistent(where);
-    if (delta_.out_features() != out_features() || delta_.in_features() != in_features())
-      detail::raise<ShapeError>(where, ": the base weight is [out, in] = [", out_features(), ", ", in_features(),
-                                 "] but the delta is now [", delta_.out_features(), ", ", delta_.in_features(),
-                                 "]; a factor was resized");
-    if (has_bias() && bias_.rows() != out_features())
-      detail::raise<ShapeError>(where, ": the bias has ", bias_.rows(), " entries, expected out_features = ",
-                                 out_features());
+    detail::check_delta_shape(where, delta_, out_features(), in_features());
+    if (has_bias()) detail::check_bias_length(where, bias_, out_features());
   }
 
   // ---- merge --------------------------------------------------------------------
@@ -434,16 +413,11 @@ class DoRALinear {
 
  private:
   static low_rank_type&& check_delta(low_rank_type&& d, const Base& w) {
-    d.check_consistent("DoRALinear");
-    if (d.out_features() != w.rows() || d.in_features() != w.cols())
-      detail::raise<ShapeError>("DoRALinear: base weight is [out, in] = [", w.rows(), ", ", w.cols(),
-                                 "] but the delta is [", d.out_features(), ", ", d.in_features(), "]");
+    detail::check_delta_shape("DoRALinear", d, w.rows(), w.cols());
     return std::move(d);
   }
   void check_shapes() const {
-    if (has_bias() && bias_.rows() != out_features())
-      detail::raise<ShapeError>("DoRALinear: bias has ", bias_.rows(), " entries, expected out_features = ",
-                                 out_features());
+    if (has_bias()) detail::check_bias_length("DoRALinear", bias_, out_features());
   }
   static void require_writable() {
     static_assert(base_is_writable || !base_is_quantized,

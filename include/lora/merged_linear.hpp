@@ -119,7 +119,7 @@ class MergedDeltas {
 /// one layer: they only read W, the deltas and the bias, and allocate [n, r]
 /// scratch (nothing when the caller passes a workspace).
 template <BaseWeight Base, class Delta>
-class MergedLinear {
+class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
   static_assert(MergeableAdapter<Delta>,
                 "lora::MergedLinear<Base, Delta>: Delta must be a lora::MergeableAdapter (e.g. "
                 "lora::LowRankDelta<T, Rank>), one per enabled slice");
@@ -162,9 +162,7 @@ class MergedLinear {
                std::vector<Delta> deltas)
       : w_(std::move(weight)), bias_(std::move(bias)), sizes_(std::move(slice_sizes)),
         enabled_(std::move(enable_lora)) {
-    if (bias_.rows() != out_features())
-      detail::raise<ShapeError>("MergedLinear: bias has ", bias_.rows(), " entries, expected out_features = ",
-                                 out_features());
+    detail::check_bias_length("MergedLinear", bias_, out_features());
     init(std::move(deltas));
   }
   /// Zero-filled deltas of rank `rank` on the enabled slices (as loralib starts
@@ -233,18 +231,8 @@ class MergedLinear {
         expr::apply(deltas_[j].expression(), x, y.middleCols(offset_of(j), size_of(j)), scalar(1), scalar(1), ws);
     if (has_bias()) BackendOps<backend>::add_to_rows(scalar(1), bias_, y);
   }
-  template <Matrix X, Matrix Y>
-  void forward(const X& x, Y&& y) const {
-    workspace ws;
-    forward(x, std::forward<Y>(y), ws);
-  }
-  /// Returns Y [n, out].
-  template <Matrix X>
-  RowMatrix<scalar> forward(const X& x) const {
-    RowMatrix<scalar> y(x.rows(), out_features());
-    forward(x, y);
-    return y;
-  }
+  /// forward(x, y) (a workspace per call) and forward(x) (returns Y [n, out]).
+  using detail::LinearForwards<MergedLinear>::forward;
 
   // ---- backward -------------------------------------------------------------------
   /// From X [n, in] (the forward's input) and G = dL/dY [n, out], per enabled
@@ -362,9 +350,7 @@ class MergedLinear {
                                    in_features(), "] (slice ", delta_slices_[j], " is rows [", offset_of(j), ", ",
                                    offset_of(j) + size_of(j), ") of W [", out_features(), ", ", in_features(), "])");
     }
-    if (has_bias() && (bias_.rows() != out_features() || bias_.cols() != 1))
-      detail::raise<ShapeError>(where, ": the bias is now [", bias_.rows(), ", ", bias_.cols(),
-                                 "], expected a vector of out_features = ", out_features(), " entries");
+    if (has_bias()) detail::check_bias_length(where, bias_, out_features());
   }
 
   /// The shape check of forward: X [n, in], Y [n, out], no overlap.
@@ -379,13 +365,7 @@ class MergedLinear {
     static_assert(std::is_same_v<scalar_of_t<X>, scalar> && std::is_same_v<scalar_of_t<Y>, scalar>,
                   "lora::MergedLinear::forward: X or Y has a different scalar type than the layer; cast it first");
     check_consistent(where);
-    if (x.cols() != in_features())
-      detail::raise<ShapeError>(where, ": X has ", x.cols(), " columns, expected in_features = ", in_features());
-    if (y.rows() != x.rows() || y.cols() != out_features())
-      detail::raise<ShapeError>(where, ": Y is [", y.rows(), ", ", y.cols(), "], expected [n, out] = [", x.rows(),
-                                 ", ", out_features(), "]");
-    if (backend::overlaps(x, y))
-      detail::raise<ShapeError>(where, ": X and Y share memory; forward cannot run in place");
+    detail::check_linear_io<backend>(where, x, y, in_features(), out_features());
   }
 
  private:
