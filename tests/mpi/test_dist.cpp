@@ -18,6 +18,7 @@
 #include <lora/dist/shard_io.hpp>
 #endif
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -241,8 +242,9 @@ TEST_CASE("SingleProcess: data- and column-parallel results are bit-identical to
 
 // ---- the MPI model ------------------------------------------------------------------------
 
-TEST_CASE("MpiCommunicator: collectives over the world", "[dist][mpi]") {
-  auto& w = world();
+namespace {
+// Every collective of `w` against exact values (small integers and halves).
+void check_collectives(dist::MpiCommunicator& w) {
   const int p = w.size(), q = w.rank();
   w.reset_stats();
   std::vector<double> x{double(q), 1.0, 0.5 * q};
@@ -275,6 +277,93 @@ TEST_CASE("MpiCommunicator: collectives over the world", "[dist][mpi]") {
   CHECK(w.stats().barrier_calls == 1);
   // A wrong buffer is refused before MPI is called (the same on every rank).
   CHECK_THROWS_AS(w.all_gather(std::span<const float>(mine), std::span<float>(all).first(1)), lora::ShapeError);
+}
+}  // namespace
+
+TEST_CASE("MpiCommunicator: collectives over the world", "[dist][mpi]") { check_collectives(world()); }
+
+TEST_CASE("MpiCommunicator with a timeout: the non-blocking collectives give the same results", "[dist][mpi]") {
+  using namespace std::chrono_literals;
+  // Generous: nothing here is late, the timeout only selects the MPI_I* + MPI_Test path.
+  dist::MpiCommunicator timed(MPI_COMM_WORLD, {.timeout = 60s});
+  CHECK(timed.timeout() == 60s);
+  check_collectives(timed);
+  // MPI's own errors still arrive as CommError (MPI_Ibcast checks the root),
+  // and do not fail the communicator: nothing was started.
+  std::vector<double> x{1.0};
+  int code = 0;
+  try {
+    timed.broadcast(std::span<double>(x), timed.size());
+  } catch (const dist::CommError& e) {
+    code = e.code();
+    INFO(e.what());
+    CHECK(std::string(e.what()).find("MpiCommunicator::broadcast: MPI_Ibcast failed: ") == 0);
+  }
+  CHECK(global_max(code == MPI_ERR_ROOT ? 0 : 1) == 0);
+  CHECK_FALSE(timed.failed());
+  timed.barrier();
+  CHECK_THROWS_AS(timed.set_timeout(-1ms), lora::ValueError);
+}
+
+TEST_CASE("MpiCommunicator: a rank that does not join in time is a CommTimeout on the others, not a hang",
+          "[dist][mpi]") {
+  using namespace std::chrono_literals;
+  // The "failing" rank (the last) joins the all-reduce only after every other
+  // rank has timed out and told it so: the order is fixed by messages, not by
+  // sleeps, so the test cannot race. Its late arrival then completes the
+  // pending collective, and the job shuts down normally. CTest's TIMEOUT is the
+  // backstop should a timeout not fire. At 1 rank only the polling path runs.
+  const int p = world().size(), q = world().rank(), late = p - 1, tag = 15;
+  constexpr auto limit = 200ms;
+  dist::MpiCommunicator timed(MPI_COMM_WORLD, {.timeout = limit});
+  std::vector<double> x{1.0, double(q), 0.5};
+  const std::vector<double> sum{double(p), p * (p - 1) / 2.0, 0.5 * p};  // exact
+  double bad = 0;
+  if (q != late) {
+    std::string what;
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      timed.all_reduce_sum(std::span<double>(x));
+      bad += 1;  // completed without the late rank: impossible
+    } catch (const dist::CommTimeout& e) {
+      what = e.what();
+      bad += (e.operation() != "MpiCommunicator::all_reduce_sum") + (e.elements() != 3) + (e.timeout() != limit) +
+             (e.rank() != q) + (e.code() != -1);
+    }
+    bad += std::chrono::steady_clock::now() - t0 < limit;
+    INFO(what);
+    CHECK(what.find("MpiCommunicator::all_reduce_sum: 3 elements not complete after the timeout of 0.2 s on rank " +
+                    std::to_string(q) + " of " + std::to_string(p)) == 0);
+    bad += !timed.failed() + !timed.pending();
+    // Every later call throws at once, naming the first failure; MPI is not called.
+    std::string later;
+    try {
+      timed.barrier();
+    } catch (const dist::CommTimeout&) {
+      later = "a second timeout";
+    } catch (const dist::CommError& e) {
+      later = e.what();
+    }
+    INFO(later);
+    CHECK(later.find("MpiCommunicator::barrier: this communicator failed earlier (" + what) == 0);
+    int token = 1;
+    MPI_Send(&token, 1, MPI_INT, late, tag, MPI_COMM_WORLD);
+    // The late rank's arrival completes the pending call: MPI wrote the sum into x.
+    bad += !timed.finish_pending(30s);
+    bad += timed.pending() + !timed.failed();
+  } else {
+    for (int k = 0; k < p - 1; ++k) {
+      int token = 0;
+      MPI_Recv(&token, 1, MPI_INT, MPI_ANY_SOURCE, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    }
+    timed.set_timeout(30s);  // the others are polling already
+    timed.all_reduce_sum(std::span<double>(x));
+    bad += timed.failed();
+  }
+  bad += x != sum;
+  INFO("rank " << q << " of " << p);
+  CHECK(bad == 0);
+  CHECK(global_max(bad) == 0);
 }
 
 TEST_CASE("MpiCommunicator: a failing MPI call is a CommError with MPI's own message", "[dist][mpi]") {

@@ -16,10 +16,13 @@
 //   broadcast(std::span<T> x, int root)          x = root's x
 //   barrier()
 // Failures throw lora::dist::CommError carrying the transport's own message
-// (MPI_Error_string) and code. Every model counts what it moved (stats()).
+// (MPI_Error_string) and code; a collective that does not complete within a
+// model's timeout (MpiCommunicator's MpiOptions::timeout) throws CommTimeout,
+// a CommError. Every model counts what it moved (stats()).
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <concepts>
 #include <cstdint>
 #include <span>
@@ -43,6 +46,35 @@ class CommError : public Error {
 
  private:
   int code_;
+};
+
+/// A collective that did not complete within the communicator's timeout: a
+/// rank that never joined it (stuck, deadlocked elsewhere, or dead without the
+/// launcher noticing). The message names the lora function, the element
+/// count, the timeout and the calling rank; code() is -1 (lora detected it).
+/// The collective stays pending inside the transport (MPI cannot cancel one),
+/// so the communicator that threw is marked failed: see MpiCommunicator.
+class CommTimeout : public CommError {
+ public:
+  CommTimeout(const std::string& operation, std::size_t elements, std::chrono::nanoseconds timeout, int rank, int size)
+      : CommError(lora::detail::concat(operation, ": ", elements, " elements not complete after the timeout of ",
+                                       std::chrono::duration<double>(timeout).count(), " s on rank ", rank, " of ",
+                                       size, "; another rank did not join the collective in time"),
+                  -1),
+        operation_(operation),
+        elements_(elements),
+        timeout_(timeout),
+        rank_(rank) {}
+  const std::string& operation() const noexcept { return operation_; }
+  std::size_t elements() const noexcept { return elements_; }
+  std::chrono::nanoseconds timeout() const noexcept { return timeout_; }
+  int rank() const noexcept { return rank_; }
+
+ private:
+  std::string operation_;
+  std::size_t elements_;
+  std::chrono::nanoseconds timeout_;
+  int rank_;
 };
 
 /// The element types every model reduces and moves (adapter gradients and
