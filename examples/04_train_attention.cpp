@@ -12,24 +12,36 @@
 // falls below 10% of sigma^2), ranks < k cannot. At the end the adapters are
 // merged and the merged model must give the same outputs.
 //
-// Then, at rank 8, three ways to fine-tune the same targets side by side:
-// full fine-tuning (the target W themselves train), LoRA (fp32 base) and QLoRA
-// (every base weight in NF4 with double quantisation, fp32 adapters): the
-// memory each needs and the loss each reaches. QLoRA's base is not the
-// teacher's base (it carries the NF4 rounding), so its floor is sigma^2 plus
-// what a rank-8 adapter cannot undo of that rounding (the "NF4 rounding floor":
-// NF4 base plus the teacher's exact change). Its adapters are merged
-// into a dense copy (outputs must agree) and requantised to NF4 (errors shown).
+// --method dora sweeps DoRA (lora::DoRALinear, PEFT's use_dora=True) instead:
+// the same ranks, chosen at run time (one LowRankDelta<float, dynamic>
+// instantiation keeps the compile time down). --fused-qkv computes W_q, W_k and
+// W_v as one lora::MergedLinear (loralib's fused c_attn: W [3d, d], LoRA on the
+// target slices) instead of three AdaptedLinear layers (LoRA only; no dropout).
 //
-//   04_train_attention [--targets q,v] [--k 4] [--steps 400] [--lr 0.01]
-//                      [--noise 0.05] [--dropout 0] [--seed 1] [--threads 1]
-//                      [--full-lr 0.001] [--out ./train_out]
+// Then, at rank 8, the ways to fine-tune the same targets side by side: full
+// fine-tuning (the target W themselves train), LoRA (fp32 base), LoRA with a
+// fused QKV projection (the same math as three layers: its loss must match),
+// DoRA, and QLoRA (every base weight in NF4 with double quantisation, fp32
+// adapters): the memory each needs, the loss each reaches and its speed. QLoRA's
+// base is not the teacher's base (it carries the NF4 rounding), so its floor is
+// sigma^2 plus what a rank-8 adapter cannot undo of that rounding (the "NF4
+// rounding floor": NF4 base plus the teacher's exact change). Its adapters are
+// merged into a dense copy (outputs must agree) and requantised to NF4 (errors
+// shown).
+//
+//   04_train_attention [--method lora|dora] [--fused-qkv] [--targets q,v] [--k 4]
+//                      [--steps 400] [--lr 0.01] [--noise 0.05] [--dropout 0]
+//                      [--seed 1] [--threads 1] [--full-lr 0.001] [--out ./train_out]
 //
 // Writes <out>/results.csv, <out>/methods.csv, <out>/loss.csv,
 // <out>/loss.gnuplot and, when gnuplot is installed, <out>/loss.png. Exits 1 if
-// a rank >= k misses the noise floor, the merged outputs differ, or QLoRA does
-// not recover most of the teacher's change.
+// a rank >= k misses the noise floor (the swept method, and DoRA at rank 8),
+// merged outputs differ, QLoRA does not recover most of the teacher's change,
+// or the fused-QKV run's final loss differs from three-layer LoRA's by more
+// than 1e-4 relative.
 #include <lora/lora.hpp>
+#include <lora/dora.hpp>
+#include <lora/merged_linear.hpp>
 
 #include <array>
 #include <chrono>
@@ -38,6 +50,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -65,17 +78,23 @@ struct config {
   int threads = 1;
   std::string out = "train_out";
   std::array<bool, 6> targets = {true, false, true, false, false, false};
+  bool dora = false;       // --method dora: the rank sweep trains DoRA instead of LoRA
+  bool fused_qkv = false;  // W_q, W_k, W_v as one MergedLinear in the sweep
 };
 const char* const kNames[6] = {"q", "k", "v", "o", "up", "down"};
 enum { Q, K, V, O, UP, DOWN };
 
 [[noreturn]] void usage(int code) {
   std::printf(
-      "usage: 04_train_attention [--targets q,v] [--k 4] [--steps 400] [--lr 0.01] [--noise 0.05]\n"
-      "                          [--dropout 0] [--seed 1] [--threads 1] [--full-lr 0.001]\n"
-      "                          [--out ./train_out]\n"
-      "  --targets  comma-separated projections to adapt, from q,k,v,o,up,down\n"
-      "  --k        rank of the teacher's change on each target\n");
+      "usage: 04_train_attention [--method lora|dora] [--fused-qkv] [--targets q,v] [--k 4] [--steps 400]\n"
+      "                          [--lr 0.01] [--noise 0.05] [--dropout 0] [--seed 1] [--threads 1]\n"
+      "                          [--full-lr 0.001] [--out ./train_out]\n"
+      "  --method     adapter of the rank sweep: lora (AdaptedLinear, ranks fixed at compile time) or dora\n"
+      "               (DoRALinear, PEFT's use_dora=True; ranks chosen at run time, one instantiation)\n"
+      "  --fused-qkv  W_q, W_k, W_v as one MergedLinear [3d, d] (loralib's fused c_attn) in the sweep;\n"
+      "               LoRA only, no dropout. The rank-8 table always has a fused-QKV and a DoRA row\n"
+      "  --targets    comma-separated projections to adapt, from q,k,v,o,up,down\n"
+      "  --k          rank of the teacher's change on each target\n");
   std::exit(code);
 }
 
@@ -84,6 +103,10 @@ config parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") usage(0);
+    if (a == "--fused-qkv") {
+      c.fused_qkv = true;
+      continue;
+    }
     if (i + 1 >= argc) usage(2);
     const std::string v = argv[++i];
     if (a == "--targets") {
@@ -101,6 +124,12 @@ config parse(int argc, char** argv) {
         }
         start = comma + 1;
       }
+    } else if (a == "--method") {
+      if (v != "lora" && v != "dora") {
+        std::fprintf(stderr, "unknown method '%s' (lora or dora)\n", v.c_str());
+        usage(2);
+      }
+      c.dora = v == "dora";
     } else if (a == "--k") c.k = std::stol(v);
     else if (a == "--steps") c.steps = std::stoi(v);
     else if (a == "--lr") c.lr = std::stod(v);
@@ -113,6 +142,11 @@ config parse(int argc, char** argv) {
     else usage(2);
   }
   if (c.k < 1 || c.k > 16 || c.steps < 1) usage(2);
+  // MergedLinear's slices carry LoRA deltas and no dropout (loralib's lora_dropout = 0).
+  if (c.fused_qkv && (c.dora || c.dropout > 0)) {
+    std::fprintf(stderr, "--fused-qkv needs --method lora and --dropout 0\n");
+    usage(2);
+  }
   return c;
 }
 
@@ -161,11 +195,34 @@ Base stored(const Mat& w) {
 
 enum class tuning { lora, full };
 
-template <int Rank, class Base = Mat>
-struct Block {
-  using Layer = lora::AdaptedLinear<Base, lora::LowRankDelta<float, Rank>>;
+template <class>
+inline constexpr bool is_dora = false;
+template <class B, class T, int R>
+inline constexpr bool is_dora<lora::DoRALinear<B, T, R>> = true;
+
+// W_q, W_k, W_v fused (--fused-qkv): one base [3d, d], a LoRA delta on each
+// target slice. A run-time rank: one instantiation for every rank.
+using FusedQKV = lora::MergedLinear<Mat, lora::LowRankDelta<float, lora::dynamic>>;
+
+// One projection of `rank` (alpha = 2 r, so s = 2); frozen ones carry s = 0,
+// so the evaluators skip their (empty) adapter.
+template <class Layer>
+Layer make_projection(const Mat& w, const Vec& b, index_t rank, bool adapted) {
+  const lora::DeltaOptions options{.alpha = 2.0 * double(rank), .multiplier = adapted ? 1.0 : 0.0};
+  lora::LowRankDelta<float, Layer::rank_at_compile_time> delta{w.rows(), w.cols(), rank, options};
+  if constexpr (is_dora<Layer>)
+    return Layer(w, b, std::move(delta));  // m = ||W_i|| (B = 0), as PEFT initialises it
+  else
+    return Layer(stored<typename Layer::base_type>(w), b, std::move(delta));
+}
+
+template <class L>
+struct BlockOf {
+  using Layer = L;
+  // Full fine-tuning steps on W in place: an AdaptedLinear over a writable dense base.
+  static constexpr bool can_train_base = !is_dora<Layer> && Layer::base_is_writable;
   std::vector<Layer> layer;
-  std::array<bool, 6> trained{};
+  std::array<bool, 6> trained{};  // projections of `layer` that train (fused: Q, K, V live in qkv)
   tuning mode = tuning::lora;
   std::vector<train::Tape<Layer>> tape = std::vector<train::Tape<Layer>>(6);
   std::vector<train::Gradients<Layer>> grad;
@@ -173,31 +230,75 @@ struct Block {
   std::array<Mat, 6> dW;  // full fine-tuning: dL/dW and dL/db of each target
   std::array<Vec, 6> db;
   typename Layer::workspace ws;
+  lora::EigenBackend::workspace<float> ews;  // the frozen projections' dX (DoRA's workspace is its own type)
+  std::optional<FusedQKV> qkv;
+  std::optional<train::Gradients<FusedQKV>> qkv_grad;
   index_t seq = 0;
   // Activations kept for backward.
-  Mat q, k, v, p, o, z, h1, a1, u, y;
+  Mat q, k, v, p, o, z, h1, a1, u, y, qkv_y;
   // Gradient buffers.
-  Mat dy, du, da1, dh1, dz, dO, dq, dk, dv, dp;
+  Mat dy, du, da1, dh1, dz, dO, dq, dk, dv, dp, dqkv;
 
-  // `weights` as the base; adapters of rank Rank on `targets` (tuning::lora),
-  // or the targets' W themselves trained (tuning::full, adapters off).
-  Block(const base_weights& weights, const config& c, const std::array<bool, 6>& targets, tuning how = tuning::lora)
+  // `weights` as the base; adapters of rank `rank` on `targets` (tuning::lora),
+  // or the targets' W themselves trained (tuning::full, adapters off). `fused`:
+  // Q, K, V as one MergedLinear (LoRA on the targets among them).
+  BlockOf(const base_weights& weights, const config& c, const std::array<bool, 6>& targets, index_t rank,
+          tuning how = tuning::lora, bool fused = false)
       : trained(targets), mode(how), seq(c.seq) {
     for (int j = 0; j < 6; ++j) {
       const index_t out = weights.W[j].rows(), in = weights.W[j].cols();
-      // alpha = 2 r (s = 2), PEFT-style default init (A kaiming, B = 0). Frozen
-      // projections carry s = 0, so the evaluators skip their (empty) adapter.
-      const bool adapted = targets[j] && how == tuning::lora;
-      layer.emplace_back(stored<Base>(weights.W[j]), weights.b[j],
-                         lora::LowRankDelta<float, Rank>{out, in, {.alpha = 2.0 * Rank, .multiplier = adapted ? 1.0 : 0.0}});
+      const bool adapted = targets[j] && how == tuning::lora && !(fused && j <= V);
+      layer.push_back(make_projection<Layer>(weights.W[j], weights.b[j], rank, adapted));
       if (how == tuning::full && targets[j]) {
         dW[j] = Mat::Zero(out, in);
         db[j] = Vec::Zero(out);
       }
       layer.back().delta().init(lora::init::KaimingZero{}, c.seed * 1000 + std::uint64_t(j));
+      // A frozen DoRA projection (s = 0, m = n = ||W_i||): keep its norm, so its
+      // forward is X W^T scaled by m / n = 1, not a norm recomputation per call.
+      if constexpr (is_dora<Layer>)
+        if (!adapted) layer.back().cache_weight_norm();
       grad.emplace_back(layer.back(), false);
       drop.emplace_back(c.dropout, c.seed * 1000 + 500 + std::uint64_t(j));
     }
+    if (fused) {
+      const index_t d = c.d;
+      Mat w(3 * d, d);
+      w << weights.W[Q], weights.W[K], weights.W[V];
+      Vec b(3 * d);
+      b << weights.b[Q], weights.b[K], weights.b[V];
+      const std::vector<bool> enable = {targets[Q], targets[K], targets[V]};
+      std::vector<lora::LowRankDelta<float, lora::dynamic>> deltas;
+      for (int j = Q; j <= V; ++j)
+        if (targets[j]) deltas.emplace_back(d, d, rank, lora::DeltaOptions{.alpha = 2.0 * double(rank)});
+      qkv.emplace(std::move(w), std::move(b), std::vector<index_t>{d, d, d}, enable, std::move(deltas));
+      // The same A as the three-layer block's (seeded by the projection's index).
+      for (std::size_t j = 0; j < qkv->deltas().size(); ++j)
+        qkv->deltas()[j].init(lora::init::KaimingZero{}, c.seed * 1000 + std::uint64_t(qkv->deltas().slice_of(j)));
+      qkv_grad.emplace(*qkv);
+      trained[Q] = trained[K] = trained[V] = false;
+    }
+  }
+
+  // The trained tensors: adapters (LoRA / DoRA), or W and b (full fine-tuning).
+  void add_to(train::AdamW<float>& opt) {
+    for (int j = 0; j < 6; ++j) {
+      if (!trained[j]) continue;
+      if (mode == tuning::lora) {
+        opt.add(layer[j], grad[j], kNames[j]);
+      } else if constexpr (can_train_base) {
+        opt.add_tensor(std::string(kNames[j]) + ".weight", layer[j].base_weight(), dW[j]);
+        opt.add_tensor(std::string(kNames[j]) + ".bias", layer[j].bias(), db[j]);
+      }
+    }
+    if (qkv && !qkv->deltas().empty()) opt.add(*qkv, *qkv_grad, "qkv");
+  }
+
+  // Merges every trained adapter into its base weight.
+  void merge_targets() {
+    for (int j = 0; j < 6; ++j)
+      if (trained[j] && mode == tuning::lora) layer[j].merge();
+    if (qkv) qkv->merge();
   }
 
   // One projection: the training forward on targets, the inference forward elsewhere.
@@ -208,7 +309,7 @@ struct Block {
     else
       layer[j].forward(x, out, ws);
   }
-  // dX (if wanted) and, on targets, dA and dB of one projection.
+  // dX (if wanted) and, on targets, the adapter's gradients of one projection.
   void project_back(int j, const Mat& x, const Mat& g, Mat* dx, bool accumulate_dx = false) {
     if (trained[j] && mode == tuning::full) {
       dW[j].noalias() = g.transpose() * x;  // (out, in)
@@ -220,16 +321,25 @@ struct Block {
       else
         train::backward(layer[j], x, g, tape[j], grad[j]);
     } else if (dx) {
-      lora::expr::apply_transposed(layer[j].base_expression(), g, *dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, ws);
+      // Frozen: W alone (s = 0; a frozen DoRA projection scales by m / n = 1).
+      lora::expr::apply_transposed(layer[j].base_expression(), g, *dx, 1.0f, accumulate_dx ? 1.0f : 0.0f, ews);
     }
   }
 
   // X [n, d] -> Y [n, d]; n = sequences * seq.
   const Mat& forward(const Mat& x, bool training = false, std::uint64_t step = 0) {
     const index_t n = x.rows(), d = x.cols();
-    project(Q, x, q, training, step);
-    project(K, x, k, training, step);
-    project(V, x, v, training, step);
+    if (qkv) {  // one product for Q, K and V; MergedLinear has no tape (its backward recomputes X A_k^T)
+      qkv_y.resize(n, 3 * d);
+      qkv->forward(x, qkv_y, ews);
+      q = qkv_y.leftCols(d);
+      k = qkv_y.middleCols(d, d);
+      v = qkv_y.rightCols(d);
+    } else {
+      project(Q, x, q, training, step);
+      project(K, x, k, training, step);
+      project(V, x, v, training, step);
+    }
     p.resize(n, seq);
     o.resize(n, d);
     const float c = 1.0f / std::sqrt(float(d));
@@ -279,12 +389,45 @@ struct Block {
       dq.middleRows(s0, seq).noalias() = c * dP * k.middleRows(s0, seq);
       dk.middleRows(s0, seq).noalias() = c * dP.transpose() * q.middleRows(s0, seq);
     }
+    if (qkv) {
+      if (qkv->deltas().empty()) return;
+      dqkv.resize(n, 3 * d);
+      dqkv << dq, dk, dv;
+      qkv->backward(x, dqkv, *qkv_grad);
+      return;
+    }
     project_back(Q, x, dq, nullptr);
     project_back(K, x, dk, nullptr);
     project_back(V, x, dv, nullptr);
   }
+
+  // Training memory (fp32, AdamW): adapted projections through
+  // train::memory_usage (an NF4 base counts its exact bytes, DoRA its m),
+  // every other projection frozen under LoRA and trained under full fine-tuning.
+  train::MemoryReport memory() const {
+    train::MemoryReport mem;
+    for (int j = 0; j < 6; ++j) {
+      if (qkv && j <= V) continue;  // counted with the fused layer
+      const auto& l = layer[j];
+      if (trained[j] && mode == tuning::lora) {
+        mem += train::memory_usage(l);
+        continue;
+      }
+      const std::uint64_t params = std::uint64_t(l.out_features() * l.in_features() + l.bias().size());
+      train::MemoryReport frozen = train::other_parameters(params);
+      if constexpr (Layer::base_is_quantized)
+        frozen.frozen_bytes = double(l.base_weight().storage_bytes()) + 4.0 * double(l.bias().size());
+      mem += frozen;
+    }
+    if (qkv) mem += train::memory_usage(*qkv);
+    return mem;
+  }
 };
 
+template <int Rank, class Base = Mat>
+using Block = BlockOf<lora::AdaptedLinear<Base, lora::LowRankDelta<float, Rank>>>;
+// DoRA with a run-time rank: one instantiation serves every rank of the sweep.
+using DoRABlock = BlockOf<lora::DoRALinear<Mat, float, lora::dynamic>>;
 
 double max_relative_difference(const Mat& a, const Mat& b) {
   return double((a - b).cwiseAbs().maxCoeff()) / double(b.cwiseAbs().maxCoeff());
@@ -302,15 +445,7 @@ template <class Student>
 run_stats fit(Student& student, Block<1>& teacher, const config& c, double lr, const Mat& x_eval, const Mat& y_eval,
               const std::string& label) {
   train::AdamW<float> opt({.lr = lr, .weight_decay = 0.0});
-  for (int j = 0; j < 6; ++j) {
-    if (!student.trained[j]) continue;
-    if (student.mode == tuning::lora) {
-      opt.add(student.layer[j], student.grad[j], kNames[j]);
-    } else if constexpr (Student::Layer::base_is_writable) {
-      opt.add_tensor(std::string(kNames[j]) + ".weight", student.layer[j].base_weight(), student.dW[j]);
-      opt.add_tensor(std::string(kNames[j]) + ".bias", student.layer[j].bias(), student.db[j]);
-    }
-  }
+  student.add_to(opt);
   const index_t n = c.batch * c.seq;
   run_stats res;
   Mat x(n, c.d), noise(n, c.d), target, g;
@@ -336,27 +471,6 @@ run_stats fit(Student& student, Block<1>& teacher, const config& c, double lr, c
   for (index_t i = c.steps - tail; i < c.steps; ++i) res.final_loss += res.losses[i] / double(tail);
   res.eval_excess = mse(student.forward(x_eval), y_eval);  // eval mode: no dropout
   return res;
-}
-
-// Training memory of a block (fp32, AdamW): adapted projections through
-// train::memory_usage (an NF4 base counts its exact bytes), every other
-// projection frozen under LoRA and trained under full fine-tuning.
-template <class Student>
-train::MemoryReport memory_of(const Student& student) {
-  train::MemoryReport mem;
-  for (int j = 0; j < 6; ++j) {
-    const auto& l = student.layer[j];
-    if (student.trained[j] && student.mode == tuning::lora) {
-      mem += train::memory_usage(l);
-      continue;
-    }
-    const std::uint64_t params = std::uint64_t(l.out_features() * l.in_features() + l.bias().size());
-    train::MemoryReport frozen = train::other_parameters(params);
-    if constexpr (Student::Layer::base_is_quantized)
-      frozen.frozen_bytes = double(l.base_weight().storage_bytes()) + 4.0 * double(l.bias().size());
-    mem += frozen;
-  }
-  return mem;
 }
 
 struct rank_result {
@@ -400,7 +514,7 @@ int main(int argc, char** argv) {
     for (index_t i = 0; i < c.k; ++i) U.col(i) *= float(1.0 - 0.5 * double(i) / double(c.k));
     teacher_w.W[j] += 1.5f * U * Vt;
   }
-  Block<1> teacher(teacher_w, c, {});  // no adapters: the changed weights, frozen
+  Block<1> teacher(teacher_w, c, {}, 1);  // no adapters: the changed weights, frozen
 
   // Held-out data for the excess error (noise-free teacher outputs).
   Mat x_eval(4 * n, d);
@@ -413,59 +527,103 @@ int main(int argc, char** argv) {
       if (!targets.empty()) targets += ',';
       targets += kNames[j];
     }
-  std::printf("LoRA fine-tuning of an attention + MLP block: d = %ld, %ld sequences x %ld tokens per step, "
+  std::printf("%s fine-tuning of an attention + MLP block: d = %ld, %ld sequences x %ld tokens per step, "
               "%d steps, AdamW lr %.3g, dropout %.2f, %d thread(s)\n",
-              d, c.batch, c.seq, c.steps, c.lr, c.dropout, threads);
+              c.dora ? "DoRA" : "LoRA", d, c.batch, c.seq, c.steps, c.lr, c.dropout, threads);
   std::printf("targets: %s; teacher = base + rank-%ld change on each target; noise sigma = %.3g, floor sigma^2 = %.3g\n",
               targets.c_str(), c.k, c.noise, floor);
 
+  const std::string swept = c.dora ? "DoRA" : (c.fused_qkv ? "LoRA, fused QKV" : "LoRA");
   std::vector<rank_result> results;
   bool ok = true;
-  double MergeErrorReport = 0.0;
-  lora::for_each_rank<1, 2, 4, 8, 16>([&]<int R>() {
-    Block<R> student(base, c, c.targets);
-    rank_result res{R, fit(student, teacher, c, c.lr, x_eval, y_eval, "rank " + std::to_string(R)), 0, 0, 0,
-                     false};
+  double merge_error = 0.0;
+  // Trains `student` (rank R), checks the floor, merges its adapters (the merged
+  // model must agree) and measures its memory.
+  const auto train_and_merge = [&](auto& student, int R, const std::string& label) {
+    rank_result res{R, fit(student, teacher, c, c.lr, x_eval, y_eval, label), 0, 0, 0, false};
     res.reached = res.run.eval_excess <= 0.1 * floor;
-    if (R >= c.k && !res.reached) ok = false;
-
-    // Merge every adapter into its base weight: the merged model must agree.
     const Mat y_unmerged = student.forward(x_eval);
-    for (int j = 0; j < 6; ++j)
-      if (c.targets[j]) student.layer[j].merge();
+    student.merge_targets();
     const Mat y_merged = student.forward(x_eval);
-    MergeErrorReport = std::max(MergeErrorReport, max_relative_difference(y_merged, y_unmerged));
-
-    const train::MemoryReport mem = memory_of(student);
+    merge_error = std::max(merge_error, max_relative_difference(y_merged, y_unmerged));
+    const train::MemoryReport mem = student.memory();
     res.trainable = mem.trainable_parameters;
     res.lora_bytes = mem.total_bytes();
     res.full_bytes = mem.full_total_bytes();
-    results.push_back(res);
-  });
-
-  // ---- full fine-tuning vs LoRA vs QLoRA at rank 8 ---------------------------------
-  constexpr int kCompareRank = 8;
-  std::printf("\nfull fine-tuning (every W and b) vs LoRA vs QLoRA (NF4 base, double quantisation), rank %d:\n",
-              kCompareRank);
-  std::vector<method_result> methods;
-  {
-    Block<1> untuned(base, c, {});
-    const double excess = mse(untuned.forward(x_eval), y_eval);
-    methods.push_back({"frozen base (no tuning)", {{}, excess + floor, excess, 0}, 0, memory_of(untuned).frozen_bytes});
-  }
-  {
-    Block<1> full(base, c, {true, true, true, true, true, true}, tuning::full);
-    const run_stats run = fit(full, teacher, c, c.full_lr, x_eval, y_eval, "full fine-tuning");
-    const train::MemoryReport mem = memory_of(full);
-    methods.push_back({"full fine-tuning", run, mem.full_parameters, mem.full_total_bytes()});
+    return res;
+  };
+  if (!c.dora) {
+    lora::for_each_rank<1, 2, 4, 8, 16>([&]<int R>() {
+      Block<R> student(base, c, c.targets, R, tuning::lora, c.fused_qkv);
+      results.push_back(train_and_merge(student, R, (c.fused_qkv ? "fused rank " : "rank ") + std::to_string(R)));
+    });
+  } else {
+    for (const int R : {1, 2, 4, 8, 16}) {
+      DoRABlock student(base, c, c.targets, R);
+      results.push_back(train_and_merge(student, R, "DoRA rank " + std::to_string(R)));
+    }
   }
   for (const auto& r : results)
-    if (r.rank == kCompareRank) methods.push_back({"LoRA", r.run, r.trainable, r.lora_bytes});
+    if (r.rank >= c.k && !r.reached) ok = false;
+
+  // ---- full fine-tuning vs LoRA vs DoRA vs QLoRA at rank 8 -------------------------
+  constexpr int kCompareRank = 8;
+  std::printf("\nfull fine-tuning (every W and b) vs LoRA (three layers, fused QKV) vs DoRA vs QLoRA (NF4 base, "
+              "double quantisation), rank %d:\n", kCompareRank);
+  const auto from_sweep = [&]() -> const rank_result& {
+    for (const auto& r : results)
+      if (r.rank == kCompareRank) return r;
+    std::abort();  // the sweep has rank 8
+  };
+  const auto row = [](const std::string& name, const rank_result& r) {
+    return method_result{name, r.run, r.trainable, r.lora_bytes};
+  };
+  std::vector<method_result> methods;
+  {
+    Block<1> untuned(base, c, {}, 1);
+    const double excess = mse(untuned.forward(x_eval), y_eval);
+    methods.push_back({"frozen base (no tuning)", {{}, excess + floor, excess, 0}, 0, untuned.memory().frozen_bytes});
+  }
+  {
+    Block<1> full(base, c, {true, true, true, true, true, true}, 1, tuning::full);
+    const run_stats run = fit(full, teacher, c, c.full_lr, x_eval, y_eval, "full fine-tuning");
+    const train::MemoryReport mem = full.memory();
+    methods.push_back({"full fine-tuning", run, mem.full_parameters, mem.full_total_bytes()});
+  }
+  // LoRA with three layers, LoRA with a fused QKV and DoRA: the sweep's rank-8
+  // run where it trained that method, a run of its own otherwise.
+  const std::size_t lora_row = methods.size();
+  if (!c.dora && !c.fused_qkv) {
+    methods.push_back(row("LoRA", from_sweep()));
+  } else {
+    Block<kCompareRank> student(base, c, c.targets, kCompareRank);
+    methods.push_back(row("LoRA", train_and_merge(student, kCompareRank, "LoRA rank 8")));
+  }
+  std::size_t fused_row = 0;  // 0: not run (dropout on)
+  if (c.fused_qkv) {
+    fused_row = methods.size();
+    methods.push_back(row("LoRA, fused QKV (MergedLinear)", from_sweep()));
+  } else if (c.dropout == 0) {
+    Block<kCompareRank> student(base, c, c.targets, kCompareRank, tuning::lora, /*fused=*/true);
+    fused_row = methods.size();
+    methods.push_back(row("LoRA, fused QKV (MergedLinear)", train_and_merge(student, kCompareRank, "fused rank 8")));
+  }
+  bool dora_reached = true;
+  {
+    const rank_result r = [&] {
+      if (c.dora) return from_sweep();
+      DoRABlock student(base, c, c.targets, kCompareRank);
+      return train_and_merge(student, kCompareRank, "DoRA rank 8");
+    }();
+    dora_reached = r.reached;
+    methods.push_back(row("DoRA", r));
+  }
+  if (kCompareRank >= c.k && !dora_reached) ok = false;  // the floor criterion of the sweep
   double qlora_merge_error = 0, requant_excess = 0, nf4_floor_excess = 0, requant_max_error = 0, requant_mean_error = 0;
   {
-    Block<kCompareRank, lora::NF4Matrix> student(base, c, c.targets);
+    Block<kCompareRank, lora::NF4Matrix> student(base, c, c.targets, kCompareRank);
     const run_stats run = fit(student, teacher, c, c.lr, x_eval, y_eval, "QLoRA rank 8");
-    const train::MemoryReport mem = memory_of(student);
+    const train::MemoryReport mem = student.memory();
     methods.push_back({"QLoRA (NF4 base)", run, mem.trainable_parameters, mem.total_bytes()});
     // Dense merge (deq(Wq) + s B A) must give the QLoRA outputs; requantising
     // the merged targets to NF4 costs one more rounding, shown as its error.
@@ -481,7 +639,7 @@ int main(int argc, char** argv) {
       }
     }
     const Mat y_qlora = student.forward(x_eval);
-    Block<1> dense_merged(merged, c, {}), nf4_merged(requantised, c, {});
+    Block<1> dense_merged(merged, c, {}, 1), nf4_merged(requantised, c, {}, 1);
     qlora_merge_error = max_relative_difference(dense_merged.forward(x_eval), y_qlora);
     requant_excess = mse(nf4_merged.forward(x_eval), y_eval);
     // What NF4 rounding alone costs: the NF4 base (deq(Wq) everywhere) with the
@@ -492,31 +650,52 @@ int main(int argc, char** argv) {
       nf4_floor.W[j] = student.layer[j].base_weight().dequantize();
       if (c.targets[j]) nf4_floor.W[j] += teacher_w.W[j] - base.W[j];
     }
-    Block<1> floor_model(nf4_floor, c, {});
+    Block<1> floor_model(nf4_floor, c, {}, 1);
     nf4_floor_excess = mse(floor_model.forward(x_eval), y_eval);
     if (run.eval_excess > 1.1 * nf4_floor_excess + 0.1 * floor) ok = false;
   }
 
   // ---- report -------------------------------------------------------------------
-  std::printf("\n%5s %12s %14s %10s %10s %13s %13s %8s %s\n", "rank", "final loss", "excess (eval)", "steps/s",
-              "trainable", "LoRA KiB", "full FT KiB", "ratio", "floor");
+  std::printf("\n%s rank sweep:\n%5s %12s %14s %10s %10s %13s %13s %8s %s\n", swept.c_str(), "rank", "final loss",
+              "excess (eval)", "steps/s", "trainable", c.dora ? "DoRA KiB" : "LoRA KiB", "full FT KiB", "ratio",
+              "floor");
   for (const auto& r : results)
     std::printf("%5d %12.4e %14.3e %10.1f %10llu %13.1f %13.1f %7.2fx %s\n", r.rank, r.run.final_loss,
                 r.run.eval_excess, r.run.steps_per_s, static_cast<unsigned long long>(r.trainable), r.lora_bytes / 1024, r.full_bytes / 1024,
                 r.full_bytes / r.lora_bytes, r.reached ? "reached" : (r.rank >= c.k ? "MISSED" : "not reached"));
   std::printf("noise floor sigma^2 = %.3e; 'reached' = eval excess <= 0.1 sigma^2 = %.3e\n", floor, 0.1 * floor);
-  std::printf("merged vs unmerged outputs: max relative difference %.3e\n", MergeErrorReport);
-  if (MergeErrorReport > 1e-5) ok = false;
+  std::printf("merged vs unmerged outputs (every LoRA, fused-QKV and DoRA run): max relative difference %.3e\n",
+              merge_error);
+  if (merge_error > 1e-5) ok = false;
 
-  const double full_bytes = methods[1].bytes;
-  std::printf("\n%-24s %10s %14s %12s %14s %8s %10s\n", "method", "trainable", "train KiB", "final loss",
-              "excess (eval)", "steps/s", "vs full");
-  for (const auto& m : methods)
-    std::printf("%-24s %10llu %14.1f %12.4e %14.3e %8.1f %9.2fx\n", m.name.c_str(),
+  const double full_bytes = methods[1].bytes, lora_speed = methods[lora_row].run.steps_per_s;
+  std::printf("\n%-31s %10s %14s %12s %14s %8s %9s %10s\n", "method", "trainable", "train KiB", "final loss",
+              "excess (eval)", "steps/s", "vs LoRA", "mem vs full");
+  for (const auto& m : methods) {
+    char speed[32] = "-";
+    if (m.run.steps_per_s > 0) std::snprintf(speed, sizeof speed, "%.2fx", m.run.steps_per_s / lora_speed);
+    std::printf("%-31s %10llu %14.1f %12.4e %14.3e %8.1f %9s %9.2fx\n", m.name.c_str(),
                 static_cast<unsigned long long>(m.trainable), m.bytes / 1024, m.run.final_loss, m.run.eval_excess,
-                m.run.steps_per_s, full_bytes / m.bytes);
-  std::printf("train KiB: weights (frozen or trained) + gradients + AdamW's two states, fp32; the frozen "
-              "base's row is its weights alone\n");
+                m.run.steps_per_s, speed, full_bytes / m.bytes);
+  }
+  std::printf("train KiB: weights (frozen or trained) + gradients + AdamW's two states, fp32 (DoRA: with m); the "
+              "frozen base's row is its weights alone. vs LoRA: steps/s over three-layer LoRA's\n");
+  if (fused_row) {
+    // Same math, same data and the same initial A: only the rounding of the
+    // products differs (one [n, 3d] base product, run-time vs static rank), and
+    // the loss is a mean over 20 steps of 16 x 16 x 64 terms: measured 6e-8
+    // relative, so 1e-4 leaves room for other compilers and ISAs and still
+    // catches a slice that trains wrongly (a lost v delta costs ~10x).
+    const method_result& f = methods[fused_row];
+    const method_result& l = methods[lora_row];
+    const double rel = std::abs(f.run.final_loss - l.run.final_loss) / l.run.final_loss;
+    std::printf("fused QKV vs three layers: final loss relative difference %.3e (bound 1e-4), eval excess %.3e vs "
+                "%.3e\n", rel, f.run.eval_excess, l.run.eval_excess);
+    if (!(rel <= 1e-4)) ok = false;
+  } else {
+    std::printf("fused QKV: not run (MergedLinear has no dropout)\n");
+  }
+  if (!dora_reached && kCompareRank >= c.k) std::printf("DoRA at rank %d MISSED the noise floor\n", kCompareRank);
   std::printf("NF4 rounding floor (NF4 base + the teacher's exact change on the targets): eval excess %.3e\n",
               nf4_floor_excess);
   std::printf("QLoRA merged into a dense copy vs QLoRA outputs: max relative difference %.3e\n",
@@ -559,7 +738,8 @@ int main(int argc, char** argv) {
     std::ofstream f(fs::path(c.out) / "loss.gnuplot");
     f << "set terminal pngcairo size 900,560\nset output 'loss.png'\nset datafile separator ','\n"
          "set key autotitle columnhead\nset logscale y\nset xlabel 'step'\nset ylabel 'training loss (MSE)'\n"
-         "set title 'LoRA on "
+         "set title '"
+      << swept << " on "
       << targets << ", teacher change of rank " << c.k << "'\n";
     f << "plot for [i=2:" << results.size() + 1 << "] 'loss.csv' using 1:i with lines lw 2, " << floor
       << " title 'noise floor' dashtype 2 lc rgb 'black'\n";
@@ -573,7 +753,7 @@ int main(int argc, char** argv) {
                 dir.c_str(), dir.c_str());
 
   if (!ok)
-    std::printf("FAILED: a rank >= k missed the noise floor, merged outputs differ, or QLoRA missed the NF4 "
-                "rounding floor\n");
+    std::printf("FAILED: a rank >= k (or DoRA at rank 8) missed the noise floor, merged outputs differ, QLoRA "
+                "missed the NF4 rounding floor, or fused QKV's loss left three-layer LoRA's\n");
   return ok ? 0 : 1;
 }
