@@ -40,7 +40,22 @@ auto make_delta() {
   return d;
 }
 
-void finish(benchmark::State& state, double dora_s, double lora_s, int r) {
+// Runs lora_call then dora_call in every iteration, so both see one machine
+// state; the manual time is the DoRA call's, lora_ms and ratio the counters.
+template <class LoraCall, class DoraCall>
+void time_pair(benchmark::State& state, int r, LoraCall&& lora_call, DoraCall&& dora_call) {
+  double dora_s = 0, lora_s = 0;
+  for (auto _ : state) {
+    const auto t0 = clock_type::now();
+    lora_call();
+    const auto t1 = clock_type::now();
+    dora_call();
+    const auto t2 = clock_type::now();
+    lora_s += std::chrono::duration<double>(t1 - t0).count();
+    const double s = std::chrono::duration<double>(t2 - t1).count();
+    dora_s += s;
+    state.SetIterationTime(s);
+  }
   const double iters = double(state.iterations());
   state.counters["lora_ms"] = 1e3 * lora_s / iters;
   state.counters["ratio"] = dora_s / lora_s;
@@ -58,21 +73,16 @@ void dora_forward(benchmark::State& state) {
   lora::EigenBackend::fill_random(X, lora::UniformDist{-1, 1}, 1, 2);
   typename decltype(lora_layer)::workspace lws;
   typename decltype(dora_layer)::workspace dws;
-  double dora_s = 0, lora_s = 0;
-  for (auto _ : state) {
-    const auto t0 = clock_type::now();
-    lora_layer.forward(X, Y, lws);
-    benchmark::DoNotOptimize(Y.data());
-    const auto t1 = clock_type::now();
-    dora_layer.forward(X, Y, dws);
-    benchmark::DoNotOptimize(Y.data());
-    const auto t2 = clock_type::now();
-    lora_s += std::chrono::duration<double>(t1 - t0).count();
-    const double s = std::chrono::duration<double>(t2 - t1).count();
-    dora_s += s;
-    state.SetIterationTime(s);
-  }
-  finish(state, dora_s, lora_s, R);
+  time_pair(
+      state, R,
+      [&] {
+        lora_layer.forward(X, Y, lws);
+        benchmark::DoNotOptimize(Y.data());
+      },
+      [&] {
+        dora_layer.forward(X, Y, dws);
+        benchmark::DoNotOptimize(Y.data());
+      });
 }
 
 // The norm recomputed per call (what every training forward does), and cached
@@ -101,23 +111,18 @@ void BM_dora_step(benchmark::State& state) {
   train::Tape<DL> dtape;
   train::Gradients<LL> lgrads(lora_layer);
   train::Gradients<DL> dgrads(dora_layer);
-  double dora_s = 0, lora_s = 0;
-  for (auto _ : state) {
-    const auto t0 = clock_type::now();
-    train::forward(lora_layer, X, Y, ltape);
-    train::backward(lora_layer, X, G, ltape, lgrads, dX);
-    benchmark::DoNotOptimize(dX.data());
-    const auto t1 = clock_type::now();
-    train::forward(dora_layer, X, Y, dtape);
-    train::backward(dora_layer, X, G, dtape, dgrads, dX);
-    benchmark::DoNotOptimize(dX.data());
-    const auto t2 = clock_type::now();
-    lora_s += std::chrono::duration<double>(t1 - t0).count();
-    const double s = std::chrono::duration<double>(t2 - t1).count();
-    dora_s += s;
-    state.SetIterationTime(s);
-  }
-  finish(state, dora_s, lora_s, R);
+  time_pair(
+      state, R,
+      [&] {
+        train::forward(lora_layer, X, Y, ltape);
+        train::backward(lora_layer, X, G, ltape, lgrads, dX);
+        benchmark::DoNotOptimize(dX.data());
+      },
+      [&] {
+        train::forward(dora_layer, X, Y, dtape);
+        train::backward(dora_layer, X, G, dtape, dgrads, dX);
+        benchmark::DoNotOptimize(dX.data());
+      });
 }
 
 template <int R>
