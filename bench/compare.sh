@@ -54,6 +54,8 @@ export OMP_NUM_THREADS=$threads
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cpus"
+  # The caches decide whether a 4096^2 W (64 MiB) streams from L3 or from DRAM.
+  echo "caches: $(lscpu | sed -n 's/^\(L[23]\) cache: *\(.*\)/\1 \2/p' | paste -sd ';' | sed 's/;/; /g')"
   echo "threads: $threads"
   echo "torch python: $py"
   echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE-<unset>} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE-<unset>}"
