@@ -175,6 +175,30 @@ struct TpResult {
 
 constexpr index_t tp_dim = 2048, tp_tokens = 64;
 
+/// Times a tensor-parallel layer's training forward and forward + backward
+/// over warmup + reps steps (a barrier before each), with the bytes each
+/// all-reduced; fills the measured half of a TpResult.
+template <class Comm, class Forward, class Backward>
+TpResult time_tp(Comm& comm, Forward&& forward, Backward&& backward) {
+  std::vector<double> fwd, step;
+  std::uint64_t fb = 0, sb = 0;
+  for (int it = 0; it < warmup + reps; ++it) {
+    comm.barrier();
+    const auto before = comm.stats().all_reduce_bytes;
+    const auto t0 = clock_type::now();
+    forward();
+    const double f = ms_since(t0);
+    fb = comm.stats().all_reduce_bytes - before;
+    backward();
+    const double s = ms_since(t0);
+    sb = comm.stats().all_reduce_bytes - before;
+    if (it < warmup) continue;
+    fwd.push_back(f);
+    step.push_back(s);
+  }
+  return {slowest_median(comm, fwd), slowest_median(comm, step), fb, sb, 0, 0};
+}
+
 template <class Comm>
 TpResult column_parallel(Comm& comm) {
   const index_t d = tp_dim, n = tp_tokens;
@@ -187,24 +211,9 @@ TpResult column_parallel(Comm& comm) {
   const Mat Gq = G.middleCols(sh.offset, sh.count);
   train::Tape<Layer> tape;
   train::Gradients<Layer> grads(cp.local());
-  std::vector<double> fwd, step;
-  std::uint64_t fb = 0, sb = 0;
-  for (int it = 0; it < warmup + reps; ++it) {
-    comm.barrier();
-    const auto before = comm.stats().all_reduce_bytes;
-    const auto t0 = clock_type::now();
-    cp.train_forward(X, Y, tape);
-    const double f = ms_since(t0);
-    fb = comm.stats().all_reduce_bytes - before;
-    cp.backward(X, Gq, tape, grads, dX);
-    const double s = ms_since(t0);
-    sb = comm.stats().all_reduce_bytes - before;
-    if (it < warmup) continue;
-    fwd.push_back(f);
-    step.push_back(s);
-  }
-  return {slowest_median(comm, fwd), slowest_median(comm, step), fb, sb, 0,
-          std::uint64_t(R * d + n * d) * sizeof(T)};
+  TpResult res = time_tp(comm, [&] { cp.train_forward(X, Y, tape); }, [&] { cp.backward(X, Gq, tape, grads, dX); });
+  res.formula_step = std::uint64_t(R * d + n * d) * sizeof(T);  // the forward moves nothing
+  return res;
 }
 
 template <class Comm>
@@ -219,24 +228,9 @@ TpResult row_parallel(Comm& comm) {
   const Mat Xq = rp.local_input(X);
   typename dist::RowParallelLinear<Layer, Comm>::Tape tape;
   train::Gradients<Layer> grads(rp.local());
-  std::vector<double> fwd, step;
-  std::uint64_t fb = 0, sb = 0;
-  for (int it = 0; it < warmup + reps; ++it) {
-    comm.barrier();
-    const auto before = comm.stats().all_reduce_bytes;
-    const auto t0 = clock_type::now();
-    rp.train_forward(Xq, Y, tape);
-    const double f = ms_since(t0);
-    fb = comm.stats().all_reduce_bytes - before;
-    rp.backward(Xq, G, tape, grads, dXq);
-    const double s = ms_since(t0);
-    sb = comm.stats().all_reduce_bytes - before;
-    if (it < warmup) continue;
-    fwd.push_back(f);
-    step.push_back(s);
-  }
-  const std::uint64_t f = std::uint64_t(n * (d + R)) * sizeof(T);
-  return {slowest_median(comm, fwd), slowest_median(comm, step), fb, sb, f, f};
+  TpResult res = time_tp(comm, [&] { rp.train_forward(Xq, Y, tape); }, [&] { rp.backward(Xq, G, tape, grads, dXq); });
+  res.formula_fwd = res.formula_step = std::uint64_t(n * (d + R)) * sizeof(T);
+  return res;
 }
 
 template <class Comm>

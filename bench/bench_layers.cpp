@@ -171,7 +171,23 @@ struct QKV {
   }
 };
 
-void finish(benchmark::State& state, double fused_s, double separate_s) {
+// Runs the fused call then the separate calls in every iteration, so both see
+// one machine state; the manual time is the fused call's, separate_ms and
+// ratio (fused / separate) the counters.
+template <class FusedCall, class SeparateCall>
+void time_pair(benchmark::State& state, FusedCall&& fused_call, SeparateCall&& separate_call) {
+  double fused_s = 0, separate_s = 0;
+  for (auto _ : state) {
+    const auto t0 = clock_type::now();
+    fused_call();
+    const auto t1 = clock_type::now();
+    separate_call();
+    const auto t2 = clock_type::now();
+    const double f = std::chrono::duration<double>(t1 - t0).count();
+    fused_s += f;
+    separate_s += std::chrono::duration<double>(t2 - t1).count();
+    state.SetIterationTime(f);
+  }
   const double iters = double(state.iterations());
   state.counters["separate_ms"] = 1e3 * separate_s / iters;
   state.counters["ratio"] = fused_s / separate_s;
@@ -183,23 +199,18 @@ void BM_qkv_forward(benchmark::State& state) {
   QKV m(state.range(0), state.range(1));
   Fused::workspace fws;
   Separate::workspace sws;
-  double fused_s = 0, separate_s = 0;
-  for (auto _ : state) {
-    const auto t0 = clock_type::now();
-    m.fused.forward(m.x, m.y3, fws);
-    benchmark::DoNotOptimize(m.y3.data());
-    const auto t1 = clock_type::now();
-    m.q.forward(m.x, m.yq, sws);
-    m.k.forward(m.x, m.yk, sws);
-    m.v.forward(m.x, m.yv, sws);
-    benchmark::DoNotOptimize(m.yv.data());
-    const auto t2 = clock_type::now();
-    const double f = std::chrono::duration<double>(t1 - t0).count();
-    fused_s += f;
-    separate_s += std::chrono::duration<double>(t2 - t1).count();
-    state.SetIterationTime(f);
-  }
-  finish(state, fused_s, separate_s);
+  time_pair(
+      state,
+      [&] {
+        m.fused.forward(m.x, m.y3, fws);
+        benchmark::DoNotOptimize(m.y3.data());
+      },
+      [&] {
+        m.q.forward(m.x, m.yq, sws);
+        m.k.forward(m.x, m.yk, sws);
+        m.v.forward(m.x, m.yv, sws);
+        benchmark::DoNotOptimize(m.yv.data());
+      });
 }
 
 void BM_qkv_step(benchmark::State& state) {
@@ -209,27 +220,22 @@ void BM_qkv_step(benchmark::State& state) {
   auto fgrads = m.fused.delta().make_gradients();
   train::Tape<Separate> tq, tv;
   train::Gradients<Separate> grads_q(m.q), grads_v(m.v);
-  double fused_s = 0, separate_s = 0;
-  for (auto _ : state) {
-    const auto t0 = clock_type::now();
-    m.fused.forward(m.x, m.y3, fws);
-    m.fused.backward(m.x, m.g3, fgrads, m.dx, fws);  // recomputes X A_k^T (no tape)
-    benchmark::DoNotOptimize(m.dx.data());
-    const auto t1 = clock_type::now();
-    train::forward(m.q, m.x, m.yq, tq);
-    m.k.forward(m.x, m.yk, sws);
-    train::forward(m.v, m.x, m.yv, tv);
-    train::backward(m.q, m.x, m.gq, tq, grads_q, m.dx);
-    lora::expr::apply_transposed(m.k.base_expression(), m.gk, m.dx, 1.0f, 1.0f, sws);  // dX += G_k W_k
-    train::backward(m.v, m.x, m.gv, tv, grads_v, m.dx, {.accumulate_dx = true});
-    benchmark::DoNotOptimize(m.dx.data());
-    const auto t2 = clock_type::now();
-    const double f = std::chrono::duration<double>(t1 - t0).count();
-    fused_s += f;
-    separate_s += std::chrono::duration<double>(t2 - t1).count();
-    state.SetIterationTime(f);
-  }
-  finish(state, fused_s, separate_s);
+  time_pair(
+      state,
+      [&] {
+        m.fused.forward(m.x, m.y3, fws);
+        m.fused.backward(m.x, m.g3, fgrads, m.dx, fws);  // recomputes X A_k^T (no tape)
+        benchmark::DoNotOptimize(m.dx.data());
+      },
+      [&] {
+        train::forward(m.q, m.x, m.yq, tq);
+        m.k.forward(m.x, m.yk, sws);
+        train::forward(m.v, m.x, m.yv, tv);
+        train::backward(m.q, m.x, m.gq, tq, grads_q, m.dx);
+        lora::expr::apply_transposed(m.k.base_expression(), m.gk, m.dx, 1.0f, 1.0f, sws);  // dX += G_k W_k
+        train::backward(m.v, m.x, m.gv, tv, grads_v, m.dx, {.accumulate_dx = true});
+        benchmark::DoNotOptimize(m.dx.data());
+      });
 }
 
 }  // namespace
