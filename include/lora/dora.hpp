@@ -1,5 +1,5 @@
 // dora.hpp: DoRA (weight-decomposed low-rank adaptation, Liu et al. 2024) as
-// PEFT defines it (use_dora=True), on the Eigen (CPU) backend:
+// PEFT defines it (use_dora=True), on any backend (Eigen on the CPU, Thrust):
 //
 //   W' = diag(m / n) (W + s B A),   n_i = ||W_i + s B_i A||   (row norms over in)
 //   Y  = X W'^T + b = c . (X W^T + s (X A^T) B^T) + b,  c = m / n  (per output column)
@@ -11,8 +11,10 @@
 // the forward's own base product: the r rows of A are stacked under the n
 // tokens, so one product X W^T / A W^T reads W once, as a LoRA forward does.
 // The backward stacks likewise (dX's rows and, for the exact norm gradient, r
-// more) so it also reads W at most once. docs/dora.md has the derivation,
-// accuracy and what is not supported.
+// more) so it also reads W at most once. The element-wise steps (norms, the
+// column scale by m / n, dm) are the functors of detail::dora, run by the
+// backend's for_each_index: one source for every backend. docs/dora.md has
+// the derivation, accuracy and what is not supported.
 #pragma once
 
 #ifndef LORA_UMBRELLA_INCLUDED
@@ -29,6 +31,7 @@
 
 #include "adapter.hpp"
 #include "backend/eigen/backend.hpp"
+#include "detail/gather.hpp"
 #include "expr/evaluate.hpp"
 #include "low_rank_delta.hpp"
 #include "train/dropout.hpp"
@@ -47,15 +50,121 @@ struct DoRAOptions {
   NormGradient norm_gradient = NormGradient::detached;
 };
 
+namespace detail::dora {
+
+/// out[i] = ||w_i||^2, or ||w_i|| with root: summed in double, rounded once.
+template <class T>
+struct row_norms_fn {
+  Strided<const T> w;
+  T* out;
+  bool root;
+  LORA_HOST_DEVICE void operator()(index_t i) const {
+    using std::sqrt;
+    double acc = 0.0;
+    for (index_t j = 0; j < w.cols; ++j) {
+      const double v = static_cast<double>(w(i, j));
+      acc += v * v;
+    }
+    out[i] = static_cast<T>(root ? sqrt(acc) : acc);
+  }
+};
+
+/// n_i = sqrt(max(0, ||W_i||^2 + 2 s B_i . AW[:, i] + s^2 BM_i . B_i)) and,
+/// when m is set, c_i = m_i / n_i. Clamped at 0: rounding can make a
+/// (near-)zero row's sum slightly negative.
+template <class T>
+struct norm_fn {
+  const T* wn2;
+  Strided<const T> b, aw, bm;  // B [out, r], A W^T [r, out], B A A^T [out, r]
+  T s;
+  const T* m;
+  T* norm;
+  T* coef;
+  LORA_HOST_DEVICE void operator()(index_t i) const {
+    using std::sqrt;
+    T cross = T(0), quad = T(0);
+    for (index_t k = 0; k < b.cols; ++k) {
+      cross += b(i, k) * aw(k, i);
+      quad += bm(i, k) * b(i, k);
+    }
+    const T v = wn2[i] + (T(2) * s) * cross + (s * s) * quad;
+    norm[i] = sqrt(v > T(0) ? v : T(0));
+    if (m) coef[i] = m[i] / norm[i];
+  }
+};
+
+/// out_i = m_i / n_i.
+template <class T>
+struct ratio_fn {
+  const T *m, *n;
+  T* out;
+  LORA_HOST_DEVICE void operator()(index_t i) const { out[i] = m[i] / n[i]; }
+};
+
+/// y(t, j) = u(t, j) c_j, or y(t, j) += u(t, j) c_j with add.
+template <class T>
+struct scale_columns_fn {
+  Strided<const T> u;
+  Strided<T> y;
+  const T* c;
+  bool add;
+  LORA_HOST_DEVICE void operator()(index_t t, index_t j) const {
+    const T uc = u(t, j) * c[j];
+    y(t, j) = add ? y(t, j) + uc : uc;
+  }
+};
+
+/// w(i, j) *= c_i, or /= c_i (merge, unmerge).
+template <class T>
+struct scale_rows_fn {
+  Strided<T> w;
+  const T* c;
+  bool divide;
+  LORA_HOST_DEVICE void operator()(index_t i, index_t j) const { w(i, j) = divide ? w(i, j) / c[i] : w(i, j) * c[i]; }
+};
+
+/// dm_j = (sum_t g(t, j) u(t, j)) / n_j.
+template <class T>
+struct magnitude_grad_fn {
+  Strided<const T> g, u;
+  const T* norm;
+  T* dm;
+  LORA_HOST_DEVICE void operator()(index_t j) const {
+    T acc = T(0);
+    for (index_t t = 0; t < g.rows; ++t) acc += g(t, j) * u(t, j);
+    dm[j] = acc / norm[j];
+  }
+};
+
+/// The exact norm gradient's terms, tw_i = 2 s w_i = -s c_i dm_i / n_i:
+///   dB(i, k) += tw_i (AW(k, i) + s BM(i, k)),   Q^T(k, i) = tw_i B(i, k).
+template <class T>
+struct norm_grad_fn {
+  const T *coef, *dm, *norm;
+  Strided<const T> aw, bm, b;
+  Strided<T> db, qt;
+  T s;
+  LORA_HOST_DEVICE void operator()(index_t i, index_t k) const {
+    const T tw = (T(-1) * s) * (coef[i] * dm[i] / norm[i]);
+    db(i, k) += tw * (aw(k, i) + s * bm(i, k));
+    qt(k, i) = tw * b(i, k);
+  }
+};
+
+}  // namespace detail::dora
+
 /// dL/dA [r, in], dL/dB [out, r] and dL/dm [out] of a DoRA layer.
-template <class T, int Rank = dynamic>
+template <class T, int Rank = dynamic, class Backend = EigenBackend>
 class DoRAGradients {
  public:
-  using vector_type = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-  using low_rank_gradients = LowRankGradients<T, Rank, EigenBackend>;
+  using vector_type = typename Backend::template vector<T>;
+  using low_rank_gradients = LowRankGradients<T, Rank, Backend>;
 
   DoRAGradients() = default;
-  DoRAGradients(index_t out, index_t in, index_t rank) : low_rank_(out, in, rank), dm_(vector_type::Zero(out)) {}
+  DoRAGradients(index_t out, index_t in, index_t rank) : low_rank_(out, in, rank) {
+    Backend::resize(dm_, out, 1);
+    Backend::fill(dm_, T(0));
+  }
 
   auto& dA() { return low_rank_.dA(); }
   const auto& dA() const { return low_rank_.dA(); }
@@ -65,7 +174,7 @@ class DoRAGradients {
   const vector_type& dm() const { return dm_; }
   void zero() {
     low_rank_.zero();
-    dm_.setZero();
+    Backend::fill(dm_, T(0));
   }
 
  private:
@@ -77,20 +186,20 @@ class DoRAGradients {
 /// magnitude m [out]. What DoRALinear::delta() returns, what train::Gradients
 /// sizes and what the optimizers register (lora_A, lora_B at the LoRA+ ratio,
 /// lora_magnitude_vector: PEFT's names).
-template <class T, int Rank = dynamic>
+template <class T, int Rank = dynamic, class Backend = EigenBackend>
 class DoRADelta {
   static_assert(std::is_floating_point_v<T>,
                 "lora::DoRADelta<T, Rank>: T must be float or double (adapters train in full precision)");
 
  public:
   using scalar = T;
-  using backend = EigenBackend;
+  using backend = Backend;
   static constexpr int rank_at_compile_time = Rank;
-  using low_rank_type = LowRankDelta<T, Rank, EigenBackend>;
+  using low_rank_type = LowRankDelta<T, Rank, Backend>;
   using a_matrix = typename low_rank_type::a_matrix;  // (r, in)
   using b_matrix = typename low_rank_type::b_matrix;  // (out, r)
-  using vector_type = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-  using gradients = DoRAGradients<T, Rank>;
+  using vector_type = typename Backend::template vector<T>;
+  using gradients = DoRAGradients<T, Rank, Backend>;
 
   DoRADelta(low_rank_type low_rank, vector_type magnitude, const char* where = "DoRADelta")
       : low_rank_(std::move(low_rank)), m_(std::move(magnitude)) {
@@ -148,10 +257,10 @@ class DoRADelta {
     if (m.rows() != out_features())
       detail::raise<ShapeError>(where, ": the magnitude m has ", m.rows(), " entries, expected out_features = ",
                                  out_features());
-    for (index_t i = 0; i < m.rows(); ++i)
-      if (!std::isfinite(m(i)))
-        detail::raise<NumericError>(where, ": the magnitude m is not finite at row ", i, " (value ",
-                                     static_cast<double>(m(i)), ")");
+    const index_t bad = Backend::first_non_finite(Backend::data(m), m.rows());
+    if (bad >= 0)
+      detail::raise<NumericError>(where, ": the magnitude m is not finite at row ", bad, " (value ",
+                                   static_cast<double>(Backend::read(Backend::data(m), bad)), ")");
   }
 
   low_rank_type low_rank_;
@@ -164,14 +273,14 @@ class DoRALinear;
 /// Scratch of DoRALinear's forward and backward, and (inside a train::Tape) the
 /// forward's intermediates for the backward. Grows, never shrinks: reused, it
 /// stops allocating. Never holds anything [out, in].
-template <class T>
+template <class T, class Backend = EigenBackend>
 class DoRAWorkspace {
  public:
-  using vector_type = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  using vector_type = typename Backend::template vector<T>;
   /// Elements held by every buffer (memory checks).
   index_t capacity() const {
-    index_t c = eval_.capacity() + norm_.size() + coef_.size();
-    for (const auto& b : bufs_) c += b.size();
+    index_t c = eval_.capacity() + norm_.size() + coef_.size() + dm_.size();
+    for (const auto& b : bufs_) c += b.capacity();
     return c;
   }
   /// Tokens of the last forward that recorded here (-1 before any), and
@@ -193,15 +302,11 @@ class DoRAWorkspace {
     gb,           // (n + r, r) backward: (G c) B
     count
   };
-  Eigen::Map<RowMatrix<T>> get(int s, index_t rows, index_t cols) {
-    auto& buf = bufs_[static_cast<std::size_t>(s)];
-    const index_t need = detail::checked_mul("DoRALinear: workspace", rows, cols);
-    if (buf.size() < need) buf.resize(need);
-    return Eigen::Map<RowMatrix<T>>(buf.data(), rows, cols);
-  }
-  std::array<vector_type, count> bufs_;
-  typename EigenBackend::template workspace<T> eval_;
+  auto get(int s, index_t rows, index_t cols) { return bufs_[static_cast<std::size_t>(s)].matrix(rows, cols); }
+  std::array<typename Backend::template workspace<T>, count> bufs_;
+  typename Backend::template workspace<T> eval_;
   vector_type norm_, coef_;  // (out) n = ||W + s B A||_row and c = m / n of the last forward
+  vector_type dm_;           // (out) backward: this batch's dm
   // What the last recorded forward saw (the tape's).
   index_t n_ = -1;
   bool dropped_ = false;
@@ -211,7 +316,10 @@ class DoRAWorkspace {
 /// an owned RowMatrix<T>, an Eigen::Map (writable or const) over the caller's
 /// bytes, a 16-bit RowMatrix<Eigen::bfloat16 / half> or an NF4Matrix (the
 /// latter three with T = float; W is decoded inside the products as
-/// AdaptedLinear does). merge() / unmerge() need a writable dense base.
+/// AdaptedLinear does), or their Thrust counterparts (DeviceMatrix, its views,
+/// DeviceNF4Matrix; lora::to_device(layer) moves a host layer). The backend is
+/// the base's; m, the bias and the gradients live there too. merge() /
+/// unmerge() need a writable dense base.
 ///
 /// forward() is const and thread-safe (each call its own workspace).
 template <BaseWeight Base, class T, int Rank>
@@ -219,12 +327,12 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
  public:
   using base_type = Base;
   using scalar = T;
-  using backend = EigenBackend;
-  using delta_type = DoRADelta<T, Rank>;
-  using low_rank_type = LowRankDelta<T, Rank, EigenBackend>;
-  using vector_type = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  using backend = typename weight_traits<Base>::backend;
+  using delta_type = DoRADelta<T, Rank, backend>;
+  using low_rank_type = LowRankDelta<T, Rank, backend>;
+  using vector_type = typename backend::template vector<T>;
   using bias_type = vector_type;
-  using workspace = DoRAWorkspace<T>;
+  using workspace = DoRAWorkspace<T, backend>;
 
   static constexpr int rank_at_compile_time = Rank;
   static constexpr bool base_is_writable = weight_traits<Base>::writable;
@@ -233,8 +341,6 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   static_assert(std::is_same_v<typename weight_traits<Base>::scalar, T>,
                 "lora::DoRALinear: the base weight's compute scalar differs from the adapter's; use the same T "
                 "(float for bf16 / fp16 / NF4 bases)");
-  static_assert(std::is_same_v<typename weight_traits<Base>::backend, EigenBackend>,
-                "lora::DoRALinear: only the Eigen (CPU) backend is implemented; the base weight lives elsewhere");
 
   /// m initialised to the row norms of W + s B A (= ||W_i|| when B = 0), as
   /// PEFT's DoraLinearLayer.update_layer does.
@@ -243,7 +349,7 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   DoRALinear(Base weight, bias_type bias, low_rank_type delta, DoRAOptions options = {})
       : w_(std::move(weight)),
         bias_(std::move(bias)),
-        delta_(check_delta(std::move(delta), w_), vector_type::Zero(w_.rows()), "DoRALinear"),
+        delta_(check_delta(std::move(delta), w_), zeros(w_.rows()), "DoRALinear"),
         options_(options) {
     check_shapes();
     cache_base_norms();
@@ -321,13 +427,16 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
     check_forward("DoRALinear::forward", x, y);
     if (merged_) {
       expr::apply(base_expression(), x, y, T(1), T(0), ws.eval_);
-      if (has_bias()) y.rowwise() += bias_.transpose();
+      if (has_bias()) BackendOps<backend>::add_to_rows(T(1), bias_, y);
     } else if (norm_cached_) {
       // LoRA's forward (no stacking: n is known), then the column scale.
       expr::apply(unmerged_expression(), x, y, T(1), T(0), ws.eval_);  // (n, out) = X (W + s B A)^T
-      ws.coef_ = (delta_.magnitude().array() / cached_norm_.array()).matrix();
-      y.array().rowwise() *= ws.coef_.transpose().array();
-      if (has_bias()) y.rowwise() += bias_.transpose();
+      backend::resize(ws.coef_, out_features(), 1);
+      backend::for_each_index(out_features(), detail::dora::ratio_fn<T>{backend::data(delta_.magnitude()),
+                                                                        backend::data(cached_norm_),
+                                                                        backend::data(ws.coef_)});
+      scale_columns(y, ws.coef_, y);
+      if (has_bias()) BackendOps<backend>::add_to_rows(T(1), bias_, y);
     } else {
       run_forward(x, y, ws, nullptr, 0);
     }
@@ -377,7 +486,7 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
       const T s = delta_.scale();
       vector_type coef = merge_coefficients("DoRALinear::merge");
       expr::assign(w_, delta_.low_rank().expression(s), T(1), T(1));  // W += s B A
-      w_.array().colwise() *= coef.array();                            // W <- diag(m / n) W
+      scale_rows(w_, coef, false);                                     // W <- diag(m / n) W
       merged_coef_ = std::move(coef);
       merged_scale_ = s;
       merged_ = true;
@@ -393,22 +502,39 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
     if constexpr (base_is_writable) {
       if (!merged_) return false;
       check_consistent("DoRALinear::unmerge");
-      w_.array().colwise() /= merged_coef_.array();
+      scale_rows(w_, merged_coef_, true);
       expr::assign(w_, delta_.low_rank().expression(merged_scale_), T(-1), T(1));  // W -= s B A
       merged_ = false;
     }
     return true;
   }
 
-  /// The effective weight diag(m / n) (W + s B A) as a dense matrix (any base;
-  /// a merged layer returns a copy of W). The only place DoRA forms [out, in].
-  RowMatrix<T> merged_weight() const {
+  /// The effective weight diag(m / n) (W + s B A) as a dense matrix of the
+  /// backend (any base; a merged layer returns a copy of W). The only place
+  /// DoRA forms [out, in].
+  typename backend::template matrix<T> merged_weight() const {
     check_consistent("DoRALinear::merged_weight");
     if (merged_) return expr::materialize(base_expression());
     const vector_type coef = exact_coefficients();
-    RowMatrix<T> out = expr::materialize(unmerged_expression());
-    out.array().colwise() *= coef.array();
+    auto out = expr::materialize(unmerged_expression());
+    scale_rows(out, coef, false);
     return out;
+  }
+
+  /// The same layer with each tensor passed through `move` (lora::to_device /
+  /// to_host call it): W (owned there), bias, A, B, m; the options kept.
+  template <class Move>
+  auto transferred(Move move) const {
+    if (merged_)
+      detail::raise<ValueError>("DoRALinear: moving a merged layer; unmerge() it first (a merged W cannot be "
+                                 "split back into W, B A and m on the other side)");
+    check_consistent("DoRALinear: moving the layer");
+    auto w = move(w_);
+    using result = DoRALinear<decltype(w), T, Rank>;
+    typename result::bias_type bias;
+    if (has_bias()) bias = move(bias_);
+    typename result::vector_type m = move(delta_.magnitude());
+    return result(std::move(w), std::move(bias), move(delta_.low_rank()), std::move(m), options_);
   }
 
  private:
@@ -419,6 +545,24 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   void check_shapes() const {
     if (has_bias()) detail::check_bias_length("DoRALinear", bias_, out_features());
   }
+  static vector_type zeros(index_t n) {
+    vector_type v;
+    backend::resize(v, n, 1);
+    backend::fill(v, T(0));
+    return v;
+  }
+  /// y = u diag(c) (u may be y), or y += u diag(c) with add.
+  template <class U, class Y>
+  static void scale_columns(const U& u, const vector_type& c, Y& y, bool add = false) {
+    detail::for_each_element<backend>(
+        y.rows(), y.cols(), detail::dora::scale_columns_fn<T>{detail::strided(u), detail::strided(y), backend::data(c), add});
+  }
+  template <class M>
+  static void scale_rows(M& w, const vector_type& c, bool divide) {
+    detail::for_each_element<backend>(w.rows(), w.cols(),
+                                      detail::dora::scale_rows_fn<T>{detail::strided(w), backend::data(c), divide});
+  }
+
   static void require_writable() {
     static_assert(base_is_writable || !base_is_quantized,
                   "lora::DoRALinear: merge()/unmerge() cannot write a compressed or 16-bit base in place; use "
@@ -432,34 +576,42 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   /// ||W_i||^2 once, row block by row block through the base's own decoder
   /// (dense, 16-bit or NF4), accumulated in double.
   void cache_base_norms() {
-    const index_t out = out_features(), block_rows = 64;
-    wn2_.resize(out);
-    RowMatrix<T> block;
-    for (index_t start = 0; start < out; start += block_rows) {
-      const index_t count = std::min(block_rows, out - start);
-      block.resize(count, in_features());
-      expr::assign(block, expr::slice_rows(base_expression(), start, count), T(1), T(0));
-      wn2_.segment(start, count) = block.template cast<double>().rowwise().squaredNorm().template cast<T>();
+    backend::resize(wn2_, out_features(), 1);
+    block_row_norms(base_expression(), backend::data(wn2_), false);
+  }
+  /// out[i] = ||E_i||^2 (or ||E_i|| with root) of an [out, in] expression,
+  /// formed 256 rows at a time.
+  template <class E>
+  void block_row_norms(const E& e, T* out, bool root) const {
+    const index_t rows = out_features(), block_rows = 256;
+    typename backend::template matrix<T> block;
+    for (index_t start = 0; start < rows; start += block_rows) {
+      const index_t count = std::min(block_rows, rows - start);
+      backend::resize(block, count, in_features());
+      expr::assign(block, expr::slice_rows(e, start, count), T(1), T(0));
+      backend::for_each_index(count, detail::dora::row_norms_fn<T>{detail::strided(std::as_const(block)),
+                                                                   out + start, root});
     }
   }
 
-  /// n_i = sqrt(max(0, ||W_i||^2 + 2 s B_i . (A W^T)[:, i] + s^2 (B A A^T)_i . B_i)),
-  /// from aw = A W^T [r, out]; leaves B A A^T in the workspace.
+  /// ws.norm_ = n from aw = A W^T [r, out] (and ws.coef_ = m / n with
+  /// `with_coef`); leaves B A A^T in the workspace.
   template <class AW>
-  void norm_from(const AW& aw, workspace& ws) const {
+  void norm_from(const AW& aw, workspace& ws, bool with_coef) const {
     const index_t r = rank(), out = out_features();
-    const T s = delta_.scale();
     const auto& a = delta_.A();
     const auto& b = delta_.B();
     auto aat = ws.get(workspace::aat, r, r);
     auto bm = ws.get(workspace::bm, out, r);
-    EigenBackend::gemm_nt(T(1), a, a, T(0), aat);  // (r, r) = (r, in) (r, in)^T
-    EigenBackend::gemm_nn(T(1), b, aat, T(0), bm);  // (out, r) = (out, r) (r, r)
-    // Clamped at 0: rounding can make a (near-)zero row's sum slightly negative.
-    ws.norm_ = (wn2_.array() + (T(2) * s) * (b.array() * aw.transpose().array()).rowwise().sum() +
-                (s * s) * (bm.array() * b.array()).rowwise().sum())
-                   .max(T(0))
-                   .sqrt();
+    backend::gemm_nt(T(1), a, a, T(0), aat);  // (r, r) = (r, in) (r, in)^T
+    backend::gemm_nn(T(1), b, aat, T(0), bm);  // (out, r) = (out, r) (r, r)
+    backend::resize(ws.norm_, out, 1);
+    if (with_coef) backend::resize(ws.coef_, out, 1);
+    backend::for_each_index(
+        out, detail::dora::norm_fn<T>{backend::data(wn2_), detail::strided(b), detail::strided(aw),
+                                      detail::strided(std::as_const(bm)), delta_.scale(),
+                                      with_coef ? backend::data(delta_.magnitude()) : nullptr,
+                                      backend::data(ws.norm_), with_coef ? backend::data(ws.coef_) : nullptr});
   }
 
   vector_type weight_norm(workspace& ws) const {
@@ -469,30 +621,28 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
     const index_t r = rank(), out = out_features();
     auto aw = ws.get(workspace::stacked_out, r, out);
     expr::apply(base_expression(), delta_.A(), aw, T(1), T(0), ws.eval_);  // (r, out) = (r, in) (out, in)^T
-    norm_from(aw, ws);
+    norm_from(std::as_const(aw), ws, false);
     return ws.norm_;
   }
 
   /// m / ||W + s B A||_row with the norm from the formed rows (merge's).
   vector_type exact_coefficients() const {
-    const index_t out = out_features(), block_rows = 64;
-    vector_type norm(out);
-    RowMatrix<T> block;
-    const auto e = unmerged_expression();
-    for (index_t start = 0; start < out; start += block_rows) {
-      const index_t count = std::min(block_rows, out - start);
-      block.resize(count, in_features());
-      expr::assign(block, expr::slice_rows(e, start, count), T(1), T(0));
-      norm.segment(start, count) = block.template cast<double>().rowwise().norm().template cast<T>();
-    }
-    return (delta_.magnitude().array() / norm.array()).matrix();
+    const index_t out = out_features();
+    vector_type norm, coef;
+    backend::resize(norm, out, 1);
+    backend::resize(coef, out, 1);
+    block_row_norms(unmerged_expression(), backend::data(norm), true);
+    backend::for_each_index(
+        out, detail::dora::ratio_fn<T>{backend::data(delta_.magnitude()), backend::data(norm), backend::data(coef)});
+    return coef;
   }
   vector_type merge_coefficients(const char* where) const {
     vector_type coef = exact_coefficients();
-    for (index_t i = 0; i < coef.rows(); ++i)
-      if (!std::isfinite(coef(i)) || coef(i) == T(0))
-        detail::raise<NumericError>(where, ": m / ||W + s B A|| is ", static_cast<double>(coef(i)), " at row ", i,
-                                     " (m = ", static_cast<double>(delta_.magnitude()(i)),
+    const auto host = backend::to_host(coef);  // (out, 1), checked on the host
+    for (index_t i = 0; i < host.rows(); ++i)
+      if (!std::isfinite(host(i, 0)) || host(i, 0) == T(0))
+        detail::raise<NumericError>(where, ": m / ||W + s B A|| is ", static_cast<double>(host(i, 0)), " at row ", i,
+                                     " (m = ", static_cast<double>(backend::read(backend::data(delta_.magnitude()), i)),
                                      "); merging could not be undone, W was left unchanged");
     return coef;
   }
@@ -501,31 +651,30 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   /// Y. `drop` null or inactive: no dropout.
   template <class X, class Y>
   void run_forward(const X& x, Y& y, workspace& ws, const train::Dropout* drop, std::uint64_t step) const {
-    using B = EigenBackend;
+    using B = backend;
     const index_t n = x.rows(), r = rank(), in = in_features(), out = out_features();
     const bool dropped = drop != nullptr && drop->active();
     const index_t nd = dropped ? n : 0;  // rows of drop(X)
     const T s = delta_.scale();
     auto z = ws.get(workspace::stacked_in, n + nd + r, in);
-    z.topRows(n) = x;
-    if (dropped) B::dropout(T(1), x, T(0), z.middleRows(n, n), drop->p(), drop->seed(), step);
-    z.bottomRows(r) = delta_.A();
+    BackendOps<B>::copy(x, B::middle_rows(z, 0, n));
+    if (dropped) B::dropout(T(1), x, T(0), B::middle_rows(z, n, n), drop->p(), drop->seed(), step);
+    BackendOps<B>::copy(delta_.A(), B::middle_rows(z, n + nd, r));
     auto p = ws.get(workspace::stacked_out, n + nd + r, out);
     expr::apply(base_expression(), z, p, T(1), T(0), ws.eval_);  // (n + nd + r, out) = Z W^T: W read once
-    norm_from(p.bottomRows(r), ws);
-    ws.coef_ = (delta_.magnitude().array() / ws.norm_.array()).matrix();
+    norm_from(B::middle_rows(std::as_const(p), n + nd, r), ws, true);
 
-    const auto d = z.middleRows(nd, n);  // (n, in) the adapter input: drop(X) or X
+    const auto d = B::middle_rows(std::as_const(z), nd, n);  // (n, in) the adapter input: drop(X) or X
     auto h = ws.get(workspace::h, n, r);
     B::gemm_nt(T(1), d, delta_.A(), T(0), h);  // (n, r) = (n, in) (r, in)^T
-    auto u = p.middleRows(nd, n);              // (n, out) D W^T, then U = D W^T + s H B^T
-    if (dropped) y = p.topRows(n) - u;         // X W^T - D W^T
-    B::gemm_nt(s, h, delta_.B(), T(1), u);     // (n, out) += s (n, r) (out, r)^T
-    if (dropped)
-      y += u * ws.coef_.asDiagonal();
-    else
-      y = u * ws.coef_.asDiagonal();
-    if (has_bias()) y.rowwise() += bias_.transpose();
+    auto u = B::middle_rows(p, nd, n);  // (n, out) D W^T, then U = D W^T + s H B^T
+    if (dropped) {                      // Y = X W^T - D W^T, before U gains its low-rank term
+      BackendOps<B>::copy(B::middle_rows(std::as_const(p), 0, n), y);
+      B::axpby(T(-1), u, T(1), y);
+    }
+    B::gemm_nt(s, h, delta_.B(), T(1), u);  // (n, out) += s (n, r) (out, r)^T
+    scale_columns(u, ws.coef_, y, dropped);  // Y (+)= c . U
+    if (has_bias()) BackendOps<B>::add_to_rows(T(1), bias_, y);
     ws.n_ = n;
     ws.dropped_ = dropped;
   }
@@ -542,21 +691,20 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   vector_type cached_norm_;  // (out) cache_weight_norm()'s n
 };
 
-template <class Base, class T, int R>
-DoRALinear(Base, LowRankDelta<T, R, EigenBackend>, DoRAOptions = {}) -> DoRALinear<Base, T, R>;
-template <class Base, class T, int R>
-DoRALinear(Base, Eigen::Matrix<T, Eigen::Dynamic, 1>, LowRankDelta<T, R, EigenBackend>, DoRAOptions = {})
-    -> DoRALinear<Base, T, R>;
-template <class Base, class T, int R>
-DoRALinear(Base, LowRankDelta<T, R, EigenBackend>, Eigen::Matrix<T, Eigen::Dynamic, 1>, DoRAOptions = {})
-    -> DoRALinear<Base, T, R>;
-template <class Base, class T, int R>
-DoRALinear(Base, Eigen::Matrix<T, Eigen::Dynamic, 1>, LowRankDelta<T, R, EigenBackend>,
-           Eigen::Matrix<T, Eigen::Dynamic, 1>, DoRAOptions = {}) -> DoRALinear<Base, T, R>;
+// The vectors (bias, m) are the delta's backend's: deduced from the delta.
+template <class Base, class T, int R, class B>
+DoRALinear(Base, LowRankDelta<T, R, B>, DoRAOptions = {}) -> DoRALinear<Base, T, R>;
+template <class Base, class T, int R, class B>
+DoRALinear(Base, typename B::template vector<T>, LowRankDelta<T, R, B>, DoRAOptions = {}) -> DoRALinear<Base, T, R>;
+template <class Base, class T, int R, class B>
+DoRALinear(Base, LowRankDelta<T, R, B>, typename B::template vector<T>, DoRAOptions = {}) -> DoRALinear<Base, T, R>;
+template <class Base, class T, int R, class B>
+DoRALinear(Base, typename B::template vector<T>, LowRankDelta<T, R, B>, typename B::template vector<T>,
+           DoRAOptions = {}) -> DoRALinear<Base, T, R>;
 
 /// The dense merged weight diag(m / n) (W + s B A) of a DoRA layer.
 template <class Base, class T, int R>
-RowMatrix<T> merged_weight(const DoRALinear<Base, T, R>& layer) {
+auto merged_weight(const DoRALinear<Base, T, R>& layer) {
   return layer.merged_weight();
 }
 
@@ -575,7 +723,7 @@ class Tape<DoRALinear<Base, T, R>> {
 
  private:
   friend class DoRALinear<Base, T, R>;
-  DoRAWorkspace<T> ws_;
+  typename DoRALinear<Base, T, R>::workspace ws_;
   const void* layer_ = nullptr;
   double p_ = 0.0;
   std::uint64_t seed_ = 0, step_ = 0;
@@ -636,7 +784,7 @@ template <Matrix X, Matrix G, class DX>
 void DoRALinear<Base, T, Rank>::backward(const X& x, const G& g, train::Tape<DoRALinear>& tape,
                                          train::Gradients<DoRALinear>& grads, DX* dx,
                                          train::BackwardOptions options) const {
-  using B = EigenBackend;
+  using B = backend;
   constexpr const char* where = "DoRALinear::backward";
   static_assert(std::is_same_v<scalar_of_t<G>, T>,
                 "lora::train::backward: G has a different scalar type than the layer; cast it first");
@@ -678,63 +826,59 @@ void DoRALinear<Base, T, Rank>::backward(const X& x, const G& g, train::Tape<DoR
   const T beta = options.accumulate ? T(1) : T(0);
 
   const auto z = ws.get(workspace::stacked_in, n + nd + r, in);
-  const auto d = z.middleRows(nd, n);  // (n, in) X or drop(X)
+  const auto d = B::middle_rows(z, nd, n);  // (n, in) X or drop(X)
   const auto p = ws.get(workspace::stacked_out, n + nd + r, out);
-  const auto u = p.middleRows(nd, n);   // (n, out) U
-  const auto aw = p.bottomRows(r);      // (r, out) A W^T
+  const auto u = B::middle_rows(p, nd, n);      // (n, out) U
+  const auto aw = B::middle_rows(p, n + nd, r);  // (r, out) A W^T
   const auto h = ws.get(workspace::h, n, r);
   const index_t q_rows = exact ? r : 0, g_rows = (want_dx && dropped) ? n : 0;
   auto sg = ws.get(workspace::stacked_g, n + q_rows + g_rows, out);
-  auto gc = sg.topRows(n);  // (n, out) G c
-  gc = g * ws.coef_.asDiagonal();
+  auto gc = B::middle_rows(sg, 0, n);  // (n, out) G c
+  scale_columns(g, ws.coef_, gc);
 
   // dm (fresh, before accumulation: the exact term needs it alone).
-  const vector_type dm = ((g.array() * u.array()).colwise().sum().transpose() / ws.norm_.array()).matrix();
-  if (options.accumulate)
-    ag.dm() += dm;
-  else
-    ag.dm() = dm;
+  B::resize(ws.dm_, out, 1);
+  B::for_each_index(out, detail::dora::magnitude_grad_fn<T>{detail::strided(g), detail::strided(u),
+                                                            B::data(ws.norm_), B::data(ws.dm_)});
+  B::axpby(T(1), ws.dm_, beta, ag.dm());
 
   auto gb = ws.get(workspace::gb, n, r);
   B::gemm_nn(T(1), gc, delta_.B(), T(0), gb);  // (n, r) = (n, out) (out, r)
   B::gemm_tn(s, gc, h, beta, ag.dB());         // (out, r) = s (G c)^T H
   B::gemm_tn(s, gb, d, beta, ag.dA());         // (r, in) = s ((G c) B)^T D
 
-  if (exact) {
-    const vector_type tw = (T(-1) * s) * (ws.coef_.array() * dm.array() / ws.norm_.array()).matrix();  // 2 s w
+  if (exact) {  // dB += diag(2 s w) (A W^T)^T + s B A A^T), Q^T = (diag(2 s w) B)^T
     const auto bm = ws.get(workspace::bm, out, r);
-    ag.dB().noalias() += tw.asDiagonal() * (aw.transpose() + s * bm);  // (out, r)
-    sg.middleRows(n, r) = (tw.asDiagonal() * delta_.B()).transpose();  // Q^T (r, out)
+    detail::for_each_element<B>(
+        out, r,
+        detail::dora::norm_grad_fn<T>{B::data(ws.coef_), B::data(ws.dm_), B::data(ws.norm_), detail::strided(aw),
+                                      detail::strided(bm), detail::strided(delta_.B()), detail::strided(ag.dB()),
+                                      detail::strided(B::middle_rows(sg, n, r)), s});
   }
-  if (grads.has_bias()) B::sum_rows(T(1), g, beta, grads.db());
+  if (grads.has_bias()) BackendOps<B>::sum_rows(T(1), g, beta, grads.db());
   if (!want_dx && !exact) return;
-  if (g_rows) sg.bottomRows(n) = g;  // dropout: X's own path sees W alone
+  if (g_rows) BackendOps<B>::copy(g, B::middle_rows(sg, n + q_rows, n));  // dropout: X's own path sees W alone
 
   // One pass over W for every stacked row: R = S W, then + s (S B) A on the rows
   // that see W + s B A (G c, Q^T; not G of the dropout path).
   const index_t row0 = want_dx ? 0 : n;
   const index_t rows = (want_dx ? n : 0) + q_rows + g_rows, lr_rows = (want_dx ? n : 0) + q_rows;
   auto sdx = ws.get(workspace::stacked_dx, n + q_rows + g_rows, in);
-  expr::apply_transposed(base_expression(), sg.middleRows(row0, rows), sdx.middleRows(row0, rows), T(1), T(0),
+  const auto sg_rows = B::middle_rows(std::as_const(sg), row0, rows);
+  expr::apply_transposed(base_expression(), sg_rows, B::middle_rows(sdx, row0, rows), T(1), T(0),
                          ws.eval_);  // (rows, in) = (rows, out) (out, in)
-  expr::apply_transposed(delta_.low_rank().expression(), sg.middleRows(row0, lr_rows),
-                         sdx.middleRows(row0, lr_rows), T(1), T(1), ws.eval_);  // += s (S B) A
-  if (exact) ag.dA() += sdx.middleRows(n, r);
+  expr::apply_transposed(delta_.low_rank().expression(), B::middle_rows(std::as_const(sg), row0, lr_rows),
+                         B::middle_rows(sdx, row0, lr_rows), T(1), T(1), ws.eval_);  // += s (S B) A
+  if (exact) B::axpby(T(1), B::middle_rows(std::as_const(sdx), n, r), T(1), ag.dA());
   if constexpr (want_dx) {
     const T beta_dx = options.accumulate_dx ? T(1) : T(0);
-    auto dgc = sdx.topRows(n);  // (n, in) (G c) (W + s B A)
+    auto dgc = B::middle_rows(sdx, 0, n);  // (n, in) (G c) (W + s B A)
     if (!dropped) {
-      if (beta_dx == T(0))
-        *dx = dgc;
-      else
-        *dx += dgc;
+      B::axpby(T(1), dgc, beta_dx, *dx);
     } else {
-      const auto dg = sdx.middleRows(n + q_rows, n);  // (n, in) G W
-      dgc -= dg;
-      if (beta_dx == T(0))
-        *dx = dg;
-      else
-        *dx += dg;
+      const auto dg = B::middle_rows(std::as_const(sdx), n + q_rows, n);  // (n, in) G W
+      B::axpby(T(-1), dg, T(1), dgc);
+      B::axpby(T(1), dg, beta_dx, *dx);
       B::dropout(T(1), dgc, T(1), *dx, tape.p_, tape.seed_, tape.step_);  // the forward's mask
     }
   }

@@ -4,7 +4,8 @@
 // that make them.
 //   auto Wd = lora::to_device(W);          // RowMatrix<T> -> DeviceMatrix<T>
 //   auto W2 = lora::to_host(Wd);           // DeviceMatrix<T> -> RowMatrix<T>
-//   auto gpu = lora::to_device(layer);     // a whole AdaptedLinear / LowRankDelta
+//   auto gpu = lora::to_device(layer);     // a whole AdaptedLinear / LowRankDelta, or
+//                                          // any layer with transferred(move)
 #pragma once
 
 #ifndef LORA_THRUST_UMBRELLA_INCLUDED
@@ -75,6 +76,39 @@ auto to_device(const AdaptedLinear<Base, LowRankDelta<T, Rank, EigenBackend>>& l
 template <class Base, class T, int Rank>
 auto to_host(const AdaptedLinear<Base, LowRankDelta<T, Rank, ThrustBackend>>& layer) {
   return detail::move_layer("lora::to_host", layer, [](const auto& m) { return to_host(m); });
+}
+
+namespace detail {
+/// The moves handed to a layer's transferred(move): each tensor (matrix,
+/// vector, LowRankDelta) through the overloads above. Defined after them, so
+/// the call inside finds them all.
+struct to_device_fn {
+  template <class M>
+  auto operator()(const M& m) const {
+    return to_device(m);
+  }
+};
+struct to_host_fn {
+  template <class M>
+  auto operator()(const M& m) const {
+    return to_host(m);
+  }
+};
+}  // namespace detail
+
+/// Any other layer kind (DoRALinear, AdaptedEmbedding, MergedLinear,
+/// MultiAdapterLinear) rebuilds itself from moved tensors with
+/// `layer.transferred(move)`; these are the two moves. Include <lora/thrust.hpp>
+/// before the layer's header.
+template <class Layer>
+  requires requires(const Layer& l) { l.transferred(detail::to_device_fn{}); }
+auto to_device(const Layer& layer) {
+  return layer.transferred(detail::to_device_fn{});
+}
+template <class Layer>
+  requires requires(const Layer& l) { l.transferred(detail::to_host_fn{}); }
+auto to_host(const Layer& layer) {
+  return layer.transferred(detail::to_host_fn{});
 }
 
 }  // namespace lora

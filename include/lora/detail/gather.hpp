@@ -1,0 +1,227 @@
+// detail/gather.hpp: what the layers beyond AdaptedLinear need besides the
+// backend's products, written once for every backend as LORA_HOST_DEVICE
+// functors run by Backend::for_each_index (a loop on the Eigen backend, a
+// kernel on Thrust):
+//   Strided<T>         element (i, j) at p[i * rs + j * cs] of any backend
+//                      matrix or view (strided(m)), or of its transpose
+//                      (strided_transposed(m): a column gather is a row gather)
+//   IndexList<B>       token ids from the host, checked by the caller, made
+//                      visible to the backend's kernels, grouped by value
+//   gather_rows        dst(i, :) = src(ids[i], :)
+//   scatter_add_rows   dst(ids[i], :) += alpha src(i, :), duplicates summed in
+//                      position order: deterministic, no atomics
+//   for_each_element   f(i, j) over a [rows, cols] index space
+// On the Eigen backend one index is one row (the inner loop vectorises); on
+// the others one element (a GPU wants many small threads).
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> (or <lora/thrust.hpp>) instead of lora/detail/gather.hpp."
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "../backend/eigen/backend.hpp"
+#include "../config.hpp"
+#include "../error.hpp"
+
+namespace lora::detail {
+
+/// A window of a matrix: element (i, j) at p[i * rs + j * cs]. T const =
+/// read-only. Trivially copyable: functors carry it into kernels by value.
+template <class T>
+struct Strided {
+  T* p = nullptr;
+  index_t rows = 0, cols = 0, rs = 0, cs = 1;
+  LORA_HOST_DEVICE T& operator()(index_t i, index_t j) const { return p[i * rs + j * cs]; }
+  /// The same window, read-only.
+  template <class U = T>
+    requires(!std::is_const_v<U>)
+  LORA_HOST_DEVICE operator Strided<const U>() const {  // NOLINT: implicit by design
+    return {p, rows, cols, rs, cs};
+  }
+};
+
+/// Strided window of any backend matrix with storage: an Eigen matrix, Map or
+/// block (either storage order), a DeviceMatrix or its view.
+template <class M>
+auto strided(M&& m) {
+  using D = std::remove_cvref_t<M>;
+  if constexpr (std::is_base_of_v<Eigen::EigenBase<D>, D>) {
+    static_assert(requires { m.data(); m.outerStride(); },
+                  "lora: this operand is an Eigen expression without storage; evaluate it into a matrix first");
+    using E = std::remove_pointer_t<decltype(m.data())>;
+    if constexpr (D::IsRowMajor)
+      return Strided<E>{m.data(), m.rows(), m.cols(), m.outerStride(), m.innerStride()};
+    else
+      return Strided<E>{m.data(), m.rows(), m.cols(), m.innerStride(), m.outerStride()};
+  } else {  // Thrust: view(m) is found by argument-dependent lookup
+    const auto v = view(m);
+    using E = std::remove_pointer_t<decltype(v.data())>;
+    return Strided<E>{v.data(), v.rows(), v.cols(), v.stride(), 1};
+  }
+}
+/// The transpose of m as a window: row i is column i of m.
+template <class M>
+auto strided_transposed(M&& m) {
+  auto s = strided(m);
+  return decltype(s){s.p, s.cols, s.rows, s.cs, s.rs};
+}
+
+/// One index of a row-wise kernel: a whole row on the Eigen backend, one
+/// element elsewhere.
+template <class B>
+inline constexpr bool rows_per_index = std::is_same_v<B, EigenBackend>;
+
+template <class F, bool RowPerIndex>
+struct element_fn {
+  F f;
+  index_t cols;
+  LORA_HOST_DEVICE void operator()(index_t q) const {
+    if constexpr (RowPerIndex) {
+      for (index_t j = 0; j < cols; ++j) f(q, j);
+    } else {
+      f(q / cols, q % cols);
+    }
+  }
+};
+
+/// f(i, j) for every element of a [rows, cols] index space (each call writes
+/// only its own outputs): a row per index on the Eigen backend, an element
+/// elsewhere. f is a LORA_HOST_DEVICE functor.
+template <class B, class F>
+void for_each_element(index_t rows, index_t cols, const F& f) {
+  if (rows <= 0 || cols <= 0) return;
+  constexpr bool per_row = rows_per_index<B>;
+  B::for_each_index(per_row ? rows : rows * cols, element_fn<F, per_row>{f, cols});
+}
+
+/// Token ids copied from the host (as index_t), uploaded once per assign(),
+/// and grouped by value for scatter-adds: `targets` the distinct ids in
+/// ascending order, the positions of targets[u] at `positions[starts[u] ..
+/// starts[u + 1])`, ascending. Grows, never shrinks (reused, it stops allocating).
+template <class B>
+class IndexList {
+ public:
+  /// ids must already be checked (0 <= id < the gathered matrix's rows).
+  template <class Id>
+  void assign(std::span<const Id> ids) {
+    const auto n = ids.size();
+    host_ids_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) host_ids_[i] = static_cast<index_t>(ids[i]);
+    // Group: a stable sort of positions by id (ids are arbitrary, not bounded
+    // by a small table, so a comparison sort rather than a counting sort).
+    host_pos_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) host_pos_[i] = static_cast<index_t>(i);
+    std::stable_sort(host_pos_.begin(), host_pos_.end(),
+                     [&](index_t a, index_t b) { return host_ids_[a] < host_ids_[b]; });
+    host_targets_.clear();
+    host_starts_.clear();
+    for (std::size_t k = 0; k < n; ++k) {
+      const index_t id = host_ids_[host_pos_[k]];
+      if (host_targets_.empty() || host_targets_.back() != id) {
+        host_targets_.push_back(id);
+        host_starts_.push_back(static_cast<index_t>(k));
+      }
+    }
+    host_starts_.push_back(static_cast<index_t>(n));
+    if constexpr (!std::is_same_v<B, EigenBackend>) {
+      upload(host_ids_, ids_);
+      upload(host_pos_, pos_);
+      upload(host_targets_, targets_);
+      upload(host_starts_, starts_);
+    }
+  }
+  index_t size() const { return static_cast<index_t>(host_ids_.size()); }
+  index_t distinct() const { return static_cast<index_t>(host_targets_.size()); }
+  std::span<const index_t> host() const { return host_ids_; }
+  /// The arrays as the backend's kernels read them.
+  const index_t* ids() const { return pick(host_ids_, ids_); }
+  const index_t* positions() const { return pick(host_pos_, pos_); }
+  const index_t* targets() const { return pick(host_targets_, targets_); }
+  const index_t* starts() const { return pick(host_starts_, starts_); }
+
+ private:
+  using device_vector = typename B::template vector<index_t>;
+  static void upload(const std::vector<index_t>& h, device_vector& d) {
+    B::from_host(Eigen::Map<const Eigen::Matrix<index_t, Eigen::Dynamic, 1>>(h.data(), static_cast<index_t>(h.size())),
+                 d);
+  }
+  static const index_t* pick(const std::vector<index_t>& h, const device_vector& d) {
+    if constexpr (std::is_same_v<B, EigenBackend>) {
+      (void)d;
+      return h.data();
+    } else {
+      return h.empty() ? nullptr : B::data(d);
+    }
+  }
+  std::vector<index_t> host_ids_, host_pos_, host_targets_, host_starts_;
+  device_vector ids_, pos_, targets_, starts_;  // unused on the Eigen backend
+};
+
+template <class T, bool RowPerIndex>
+struct gather_rows_fn {
+  Strided<const T> src;
+  Strided<T> dst;
+  const index_t* ids;
+  LORA_HOST_DEVICE void operator()(index_t q) const {
+    if constexpr (RowPerIndex) {
+      const index_t s = ids[q];
+      for (index_t j = 0; j < dst.cols; ++j) dst(q, j) = src(s, j);
+    } else {
+      const index_t i = q / dst.cols, j = q % dst.cols;
+      dst(i, j) = src(ids[i], j);
+    }
+  }
+};
+
+template <class T, bool RowPerIndex>
+struct scatter_add_rows_fn {
+  Strided<const T> src;
+  Strided<T> dst;
+  const index_t *targets, *starts, *positions;
+  T alpha;
+  LORA_HOST_DEVICE void add(index_t u, index_t j) const {
+    T acc = dst(targets[u], j);
+    for (index_t k = starts[u]; k < starts[u + 1]; ++k) acc += alpha * src(positions[k], j);
+    dst(targets[u], j) = acc;
+  }
+  LORA_HOST_DEVICE void operator()(index_t q) const {
+    if constexpr (RowPerIndex) {
+      for (index_t j = 0; j < dst.cols; ++j) add(q, j);
+    } else {
+      add(q / dst.cols, q % dst.cols);
+    }
+  }
+};
+
+/// dst(i, :) = src(ids[i], :) for i < ids.size(). dst has ids.size() rows and
+/// src's columns.
+template <class B, class S, class T>
+void gather_rows(Strided<S> src, const IndexList<B>& ids, Strided<T> dst) {
+  static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::gather_rows: src and dst scalars differ");
+  LORA_ASSERT(dst.rows == ids.size() && dst.cols == src.cols);
+  if (ids.size() == 0 || dst.cols == 0) return;
+  constexpr bool per_row = rows_per_index<B>;
+  B::for_each_index(per_row ? dst.rows : dst.rows * dst.cols, gather_rows_fn<T, per_row>{src, dst, ids.ids()});
+}
+
+/// dst(ids[i], :) += alpha src(i, :) for i < ids.size(); rows named several
+/// times receive their terms in position order (the same sums on every
+/// backend and thread count).
+template <class B, class S, class T>
+void scatter_add_rows(T alpha, Strided<S> src, const IndexList<B>& ids, Strided<T> dst) {
+  static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::scatter_add_rows: src and dst scalars differ");
+  LORA_ASSERT(src.rows == ids.size() && dst.cols == src.cols);
+  if (ids.size() == 0 || dst.cols == 0) return;
+  constexpr bool per_row = rows_per_index<B>;
+  const index_t u = ids.distinct();
+  B::for_each_index(per_row ? u : u * dst.cols,
+                    scatter_add_rows_fn<T, per_row>{src, dst, ids.targets(), ids.starts(), ids.positions(), alpha});
+}
+
+}  // namespace lora::detail

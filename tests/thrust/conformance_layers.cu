@@ -1,0 +1,3 @@
+// The layer kinds beyond AdaptedLinear, compiled by nvcc as one TU (nvcc's
+// fixed cost per TU is several times g++'s); g++ builds each as its own.
+#include "conformance_dora.cpp"
