@@ -254,3 +254,34 @@ TEST_CASE("DoRA training forward with dropout equals the reference on the same m
   CHECK(tape.dropped());
   check_rel(on_host(Yd), R.Y);
 }
+
+TEST_CASE("DoRA over an NF4 base: forward and backward against the reference over deq(W)", "[conformance][dora][nf4]") {
+  const Host<float> W = random_host<float>(kOut, kIn, 210);
+  lora::NF4Matrix Wq = lora::NF4Matrix::quantize(W, {.block_size = 64});
+  const Host<float> Wd = ref::dequantize(Wq);  // from the raw bytes
+  lora::LowRankDelta<float> delta{kOut, kIn, kR, {.alpha = 7.0}};
+  delta.A() = random_host<float>(kR, kIn, 211);
+  delta.B() = random_host<float>(kOut, kR, 212);
+  const lora::DoRALinear host{std::move(Wq), std::move(delta)};
+  auto dev = on_backend(host);
+  static_assert(decltype(dev)::base_is_quantized && std::is_same_v<typename decltype(dev)::backend, BK>);
+  dev.set_norm_gradient(lora::NormGradient::exact);
+  const Host<float> A = host.delta().A(), B = host.delta().B();
+  const Host<float> X = random_host<float>(kN, kIn, 213), G = random_host<float>(kN, kOut, 214);
+  const DoraRef R = dora_ref(Wd, A, B, host.delta().scale(), host.magnitude(), HostVector<float>(), X, G,
+                             ones(kN, kIn), true);
+  // m starts as the row norms of deq(W) + s B A (PEFT's initialisation).
+  check_rel(on_host(dev.magnitude()), R.norm);
+  const auto Xd = on_backend(X), Gd = on_backend(G);
+  lora::train::Tape<decltype(dev)> tape;
+  lora::train::Gradients<decltype(dev)> grads(dev);
+  BMatrix<float> Yd(kN, kOut), dXd(kN, kIn);
+  lora::train::forward(dev, Xd, Yd, tape);
+  check_rel(on_host(Yd), R.Y);
+  lora::train::backward(dev, Xd, Gd, tape, grads, dXd);
+  check_rel(on_host(grads.dA()), R.dA);
+  check_rel(on_host(grads.dB()), R.dB);
+  check_rel(on_host(grads.adapter().dm()), R.dm);
+  check_rel(on_host(dXd), R.dX);
+  check_rel(on_host(dev.merged_weight()), R.merged);
+}
