@@ -134,6 +134,19 @@ Dense ones(index_t rows, index_t cols) {
   return d;
 }
 
+/// train::forward then train::backward (with dX): Y, dA, dB, dm and dX against R.
+template <class Layer, class M, class Tape, class Grads>
+void train_step_matches(const Layer& dev, const M& Xd, const M& Gd, Tape& tape, Grads& grads, const DoraRef& R) {
+  BMatrix<float> Yd(Xd.rows(), dev.out_features()), dXd(Xd.rows(), dev.in_features());
+  lora::train::forward(dev, Xd, Yd, tape);
+  check_rel(on_host(Yd), R.Y);
+  lora::train::backward(dev, Xd, Gd, tape, grads, dXd);
+  check_rel(on_host(grads.dA()), R.dA);
+  check_rel(on_host(grads.dB()), R.dB);
+  check_rel(on_host(grads.adapter().dm()), R.dm);
+  check_rel(on_host(dXd), R.dX);
+}
+
 // 130 rows: more than one 64- and 256-row block of the row-norm passes.
 constexpr index_t kOut = 130, kIn = 40, kR = 5, kN = 7;
 
@@ -221,15 +234,8 @@ TEST_CASE("DoRA backward, detached and exact norm gradient, equals the reference
   const auto Xd = on_backend(X), Gd = on_backend(G);
   lora::train::Tape<decltype(dev)> tape;
   lora::train::Gradients<decltype(dev)> grads(dev, true);
-  BMatrix<float> Yd(kN, kOut), dXd(kN, kIn);
-  lora::train::forward(dev, Xd, Yd, tape);
-  check_rel(on_host(Yd), R.Y);
-  lora::train::backward(dev, Xd, Gd, tape, grads, dXd);
-  check_rel(on_host(grads.dA()), R.dA);
-  check_rel(on_host(grads.dB()), R.dB);
-  check_rel(on_host(grads.adapter().dm()), R.dm);
+  train_step_matches(dev, Xd, Gd, tape, grads, R);
   check_rel(on_host(grads.db()), R.db);
-  check_rel(on_host(dXd), R.dX);
   // Accumulation adds the same gradients again.
   lora::train::backward(dev, Xd, Gd, tape, grads, lora::train::BackwardOptions{.accumulate = true});
   Dense dA2 = R.dA, dm2 = R.dm;
@@ -275,13 +281,6 @@ TEST_CASE("DoRA over an NF4 base: forward and backward against the reference ove
   const auto Xd = on_backend(X), Gd = on_backend(G);
   lora::train::Tape<decltype(dev)> tape;
   lora::train::Gradients<decltype(dev)> grads(dev);
-  BMatrix<float> Yd(kN, kOut), dXd(kN, kIn);
-  lora::train::forward(dev, Xd, Yd, tape);
-  check_rel(on_host(Yd), R.Y);
-  lora::train::backward(dev, Xd, Gd, tape, grads, dXd);
-  check_rel(on_host(grads.dA()), R.dA);
-  check_rel(on_host(grads.dB()), R.dB);
-  check_rel(on_host(grads.adapter().dm()), R.dm);
-  check_rel(on_host(dXd), R.dX);
+  train_step_matches(dev, Xd, Gd, tape, grads, R);
   check_rel(on_host(dev.merged_weight()), R.merged);
 }
