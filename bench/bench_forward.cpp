@@ -1,10 +1,14 @@
-// Forward (merged vs unmerged), merge and unmerge at in = out = 4096, fp32, and
-// static vs dynamic rank. Ratios are what to read: every case of one run shares
+// Forward (merged vs unmerged; BM_forward_pair: the two on one buffer of W,
+// what the unmerged-overhead ratio should be read from), merge and unmerge at
+// in = out = 4096, fp32, and static vs dynamic rank. Ratios are what to read: every case of one run shares
 // the machine's state. Summarise with bench/ratios.py.
 // Sweeps for docs/img (bench/plot.sh): BM_sweep_{merged,unmerged,eigen} over
 // n = 1..256 at r = 8 (eigen: plain `Y = X W^T`, Eigen's own product and
 // threading), and BM_rsweep_{merged,unmerged} over r = 1..128 at n = 1, 16.
 #include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
 
 #include <lora/lora.hpp>
 
@@ -63,6 +67,47 @@ void BM_forward_unmerged(benchmark::State& s) { forward<lora::dynamic>(s, false)
 template <int Rank>
 void BM_forward_static(benchmark::State& s) {
   forward<Rank>(s, false);
+}
+
+// Unmerged / merged on ONE buffer of W: each iteration times an unmerged
+// forward, merges, times a merged forward and unmerges (merge and unmerge are
+// not timed). BM_forward_merged / _unmerged each own a copy of W, and two
+// 64 MiB copies can differ by 10-30 % in speed (transparent huge pages, where
+// the pages landed), more than the adapter costs. Manual time = the unmerged
+// forward; counters: ratio = best unmerged / best merged over the iterations,
+// target = 1 + 1.5 F (issue 17), merged_ms.
+void BM_forward_pair(benchmark::State& state) {
+  using clock = std::chrono::steady_clock;
+  const lora::index_t r = state.range(0), n = state.range(1);
+  lora::RowMatrix<float> W = base_weight();
+  lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
+                            lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
+  layer.delta().init(lora::init::UniformBoth{0.01}, 1);
+  const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
+  lora::RowMatrix<float> Y(n, kDim);
+  typename decltype(layer)::workspace ws;
+  const auto timed = [&] {
+    const auto t0 = clock::now();
+    layer.forward(X, Y, ws);
+    benchmark::DoNotOptimize(Y.data());
+    benchmark::ClobberMemory();
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  double best_u = 1e30, best_m = 1e30;
+  for (auto _ : state) {
+    const double tu = timed();
+    layer.merge();
+    const double tm = timed();
+    layer.unmerge();
+    best_u = std::min(best_u, tu);
+    best_m = std::min(best_m, tm);
+    state.SetIterationTime(tu);
+  }
+  const double F = double(r) * 2.0 * kDim / (double(kDim) * kDim);
+  state.counters["ratio"] = best_u / best_m;
+  state.counters["target"] = 1 + 1.5 * F;
+  state.counters["merged_ms"] = best_m * 1e3;
+  state.counters["F"] = F;
 }
 
 // merge + unmerge as a pair keeps W unchanged across iterations; each is a
@@ -128,6 +173,18 @@ int register_forward_pairs() {
   return 0;
 }
 const int forward_pairs = register_forward_pairs();
+
+int register_forward_pair() {
+  for (int r : {1, 8, 64})
+    for (int n : {1, 16, 256})
+      benchmark::RegisterBenchmark("BM_forward_pair", BM_forward_pair)
+          ->ArgNames({"r", "n"})
+          ->Args({r, n})
+          ->Unit(benchmark::kMillisecond)
+          ->UseManualTime();
+  return 0;
+}
+const int forward_pair = register_forward_pair();
 
 // Sweeps: the cases of one point run back to back.
 int register_sweeps() {
