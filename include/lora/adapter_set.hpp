@@ -1,9 +1,17 @@
-// adapter_set.hpp: named adapters on a model (CPU, Eigen backend).
+// adapter_set.hpp: named adapters on a model.
 //   MultiAdapterLinear<Base, T>  one frozen base weight, any number of named
 //                                LowRankDelta<T> adapters, a weighted active set
 //                                swapped while other threads run forward()
 //   AdapterSet<Layer>            layers by module path ("model.layers.0.self_attn.q_proj")
 //                                and the same adapter operations across all of them
+// Backends: a host base (Eigen) or a device one (DeviceMatrix<T>, Thrust, with
+// LowRankDelta<T, dynamic, ThrustBackend> adapters; include <lora/thrust.hpp>
+// first, and lora::to_device(layer) moves a host layer over). The id planning
+// (check, counting sort) runs on the host on both; the segments' gathers,
+// products and scatter-adds on the backend. On the Eigen backend segments
+// spread over OpenMP threads; on Thrust they run one after another and the
+// device parallelises inside each. add_weighted / AdapterSet::add_weighted_adapter
+// (combine.hpp's SVD) are host-only: a static_assert says so.
 // Hot swap: the active set is an immutable Snapshot held by a shared_ptr slot
 // (detail::adapters::SnapshotSlot); a forward loads it once, so it sees the set
 // before a swap or after it, never a mix, and the adapters it reads stay alive
@@ -19,6 +27,7 @@
 
 #include "lora.hpp"
 #include "combine.hpp"
+#include "detail/gather.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -136,7 +145,8 @@ struct Segment {
 /// gathered rows and the [m, r] intermediates. Grows, never shrinks: once it
 /// has seen a batch's shape, calls of that shape allocate nothing. One per
 /// calling thread (a call uses it from inside its own parallel region).
-template <class T>
+/// B: the layer's backend (where the gathered rows and intermediates live).
+template <class T, class B = EigenBackend>
 class GatherWorkspace {
  public:
   using Segment = detail::adapters::Segment;
@@ -145,7 +155,9 @@ class GatherWorkspace {
   index_t capacity() const {
     index_t n = base_.capacity() + static_cast<index_t>(counts_.capacity() + order_.capacity() +
                                                         segments_.capacity() + schedule_.capacity() + lanes_.capacity());
-    for (const Lane& l : lanes_) n += l.eval.capacity() + l.saved.capacity() + l.buf[0].size() + l.buf[1].size() + l.buf[2].size();
+    for (const Lane& l : lanes_)
+      n += l.eval.capacity() + l.saved.capacity() + l.rows[0].capacity() + l.rows[1].capacity();
+    if constexpr (!std::is_same_v<B, EigenBackend>) n += B::size(order_device_);
     return n;
   }
   /// The segments of the last gathered call, in slot order.
@@ -156,15 +168,11 @@ class GatherWorkspace {
  private:
   template <BaseWeight, class>
   friend class MultiAdapterLinear;
-  using workspace = typename EigenBackend::template workspace<T>;
+  using workspace = typename B::template workspace<T>;
   struct Lane {
-    workspace eval, saved;                    // the [m, r] intermediates
-    Eigen::Matrix<T, Eigen::Dynamic, 1> buf[3];  // gathered rows: X / G / dX or Y
-    Eigen::Map<RowMatrix<T>> matrix(int i, index_t rows, index_t cols) {
-      const index_t need = detail::checked_mul("GatherWorkspace", rows, cols);
-      if (buf[i].size() < need) buf[i].resize(need);
-      return Eigen::Map<RowMatrix<T>>(buf[i].data(), rows, cols);
-    }
+    workspace eval, saved;  // the [m, r] intermediates
+    workspace rows[2];      // gathered rows: buffer 0 X, 1 G or Y, 2 dX
+    auto matrix(int i, index_t r, index_t cols) { return rows[i / 2].matrix(r, cols, i % 2); }
   };
 
   workspace base_;                     // the base product's scratch
@@ -172,6 +180,7 @@ class GatherWorkspace {
   std::vector<Segment> segments_;
   std::vector<index_t> schedule_;      // segment indices, costliest first
   std::vector<Lane> lanes_;
+  typename B::template vector<index_t> order_device_;  // order_ where the kernels read it (not on Eigen)
   bool parallel_ = false;
 };
 
@@ -180,11 +189,11 @@ class GatherWorkspace {
 /// Made by MultiAdapterLinear::make_gradients(); a backward allocates the
 /// gradients of a slot it has not seen (an adapter added later). Each slot's
 /// gradients live behind their own pointer: their addresses never change, so
-/// an optimizer may hold them.
-template <class T>
+/// an optimizer may hold them. B: the layer's backend.
+template <class T, class B = EigenBackend>
 class MultiAdapterGradients {
  public:
-  using gradients = LowRankGradients<T, dynamic, EigenBackend>;
+  using gradients = LowRankGradients<T, dynamic, B>;
 
   /// Slots it has room for (present or not).
   index_t slots() const { return static_cast<index_t>(g_.size()); }
@@ -240,9 +249,13 @@ class MultiAdapterGradients {
 ///
 /// Base is any base weight AdaptedLinear accepts: RowMatrix<T>, an
 /// Eigen::Map (const or not), RowMatrix<Eigen::bfloat16> / Eigen::half, an
-/// NF4Matrix. forward() is const and may run on several threads while one
-/// thread calls set_active / set_multiplier / add / remove (see docs/adapters.md,
-/// "Hot swap"). merge_active / unmerge write W and need exclusive access.
+/// NF4Matrix; on the device a DeviceMatrix<T> (or its 16-bit / NF4 kinds)
+/// under LowRankDelta<T, dynamic, ThrustBackend> adapters. forward() is const
+/// and may run on several threads while one thread calls set_active /
+/// set_multiplier / add / remove (see docs/adapters.md, "Hot swap").
+/// merge_active / unmerge write W and need exclusive access. The gathered
+/// calls and PerAdapterOptimizer work on both backends; add_weighted is
+/// host-only (combine's SVD).
 ///
 /// A moved-from layer may only be destroyed or assigned to.
 template <BaseWeight Base, class T>
@@ -254,9 +267,10 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
   using delta_type = LowRankDelta<T, dynamic, backend>;
   using bias_type = typename backend::template vector<T>;
   using workspace = typename backend::template workspace<T>;
+  using matrix_type = typename backend::template matrix<T>;
   using weighted_names = detail::adapters::weighted_names;
-  using gather_workspace = GatherWorkspace<T>;
-  using gradients_type = MultiAdapterGradients<T>;
+  using gather_workspace = GatherWorkspace<T, backend>;
+  using gradients_type = MultiAdapterGradients<T, backend>;
 
   static constexpr bool base_is_writable = weight_traits<Base>::writable;
   static constexpr bool base_is_quantized = QuantizedMatrix<Base>;
@@ -264,8 +278,6 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
   static_assert(std::is_same_v<typename weight_traits<Base>::scalar, T>,
                 "lora::MultiAdapterLinear<Base, T>: the base weight's (compute) scalar is not T; use the same T "
                 "(a bf16 / fp16 / NF4 base computes in float)");
-  static_assert(std::is_same_v<backend, EigenBackend>,
-                "lora::MultiAdapterLinear: CPU (Eigen backend) base weights only");
 
   /// One active adapter as a forward reads it: the factors (kept alive by the
   /// snapshot) and the product w * s, rounded once to T.
@@ -475,12 +487,12 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
   template <Matrix X, Matrix G>
   void backward(const X& x, std::span<const std::int32_t> ids, const G& g, gradients_type& grads,
                 gather_workspace& ws, train::BackwardOptions options = {}) const {
-    gathered_backward(x, ids, g, grads, static_cast<RowMatrix<T>*>(nullptr), ws, options);
+    gathered_backward(x, ids, g, grads, static_cast<matrix_type*>(nullptr), ws, options);
   }
   template <Matrix X, Matrix G>
   void backward(const X& x, std::span<const std::int64_t> ids, const G& g, gradients_type& grads,
                 gather_workspace& ws, train::BackwardOptions options = {}) const {
-    gathered_backward(x, ids, g, grads, static_cast<RowMatrix<T>*>(nullptr), ws, options);
+    gathered_backward(x, ids, g, grads, static_cast<matrix_type*>(nullptr), ws, options);
   }
 
   // ---- forward ----------------------------------------------------------------------
@@ -557,6 +569,29 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
     return s_->merged;
   }
 
+  // ---- moving between host and device ---------------------------------------------
+  /// The same layer rebuilt from move(tensor) for W, the bias and every
+  /// adapter (lora::to_device / lora::to_host call it): the same names, slots
+  /// (removed ones stay dead), multipliers and active set. ValueError while
+  /// merged (a merged W cannot be split back into base and deltas).
+  template <class Move>
+  auto transferred(Move move) const {
+    std::lock_guard lock(s_->mutex);
+    if (s_->merged)
+      detail::raise<ValueError>("MultiAdapterLinear::transferred: the layer is merged (",
+                                detail::adapters::join(active_names()), "); unmerge() it first");
+    auto w = move(w_);
+    using Out = MultiAdapterLinear<decltype(w), T>;
+    Out out = has_bias() ? Out(std::move(w), move(bias_)) : Out(std::move(w));
+    out.s_->slot_names = s_->slot_names;
+    for (const Entry& e : s_->entries)
+      out.s_->entries.push_back({e.name, std::make_shared<typename Out::delta_type>(move(*e.delta)), e.slot});
+    out.s_->active = s_->active;
+    out.publish();
+    out.publish_bank();
+    return out;
+  }
+
   // ---- combinations -------------------------------------------------------------
   /// PEFT's add_weighted_adapter on this layer: combines the named adapters
   /// (see combine.hpp) and adds the result, inactive, as `new_name`. A single
@@ -576,6 +611,9 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
   }
 
  private:
+  template <BaseWeight, class>
+  friend class MultiAdapterLinear;  // transferred() fills the other backend's registry
+
   struct Entry {
     std::string name;
     std::shared_ptr<delta_type> delta;  // A, B never change after add (except by training); the multiplier may
@@ -670,6 +708,7 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
 
   // ---- the gathered calls ------------------------------------------------------------
   using Segment = detail::adapters::Segment;
+  static constexpr bool on_eigen = std::is_same_v<backend, EigenBackend>;
   using Lane = typename gather_workspace::Lane;
 
   /// Every id -1 or a live slot of `bank`, n of them; throws before anything
@@ -758,7 +797,9 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
     }
     int threads = 1;
 #ifdef _OPENMP
-    if (!omp_in_parallel()) threads = static_cast<int>(std::min<index_t>(omp_get_max_threads(), count - first));
+    // Not on a device backend: there segments run in turn, each parallel inside.
+    if (on_eigen && !omp_in_parallel())
+      threads = static_cast<int>(std::min<index_t>(omp_get_max_threads(), count - first));
 #endif
     if (threads <= 1) {
       for (index_t i = first; i < count; ++i) f(ws.segments_[ws.schedule_[i]], ws.lanes_[0]);
@@ -785,6 +826,42 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
 #endif
   }
 
+  /// The token order as the segment kernels read it: the workspace's host
+  /// array on Eigen; elsewhere uploaded once per call (the tokens that have an
+  /// adapter, when some segment has to be gathered).
+  static const index_t* kernel_order(gather_workspace& ws) {
+    if constexpr (on_eigen) {
+      return ws.order_.data();
+    } else {
+      const bool gathers = std::ranges::any_of(ws.segments_, [](const Segment& sg) { return !sg.contiguous; });
+      if (!gathers) return nullptr;
+      const Segment& last = ws.segments_.back();  // slot order: the last ends the tokens with an adapter
+      backend::from_host(Eigen::Map<const Eigen::Matrix<index_t, Eigen::Dynamic, 1>>(ws.order_.data(),
+                                                                                   last.begin + last.count),
+                         ws.order_device_);
+      return backend::data(ws.order_device_);
+    }
+  }
+
+  /// dst(i, :) = src(idx[i], :) for every row i of dst: a segment's tokens gathered.
+  template <class S, class D>
+  static void gather_segment(const S& src, const index_t* idx, D&& dst) {
+    if constexpr (on_eigen) {  // one row per index: the copy vectorises
+      for (index_t i = 0; i < dst.rows(); ++i) dst.row(i) = src.row(idx[i]);
+    } else {
+      detail::gather_rows<backend>(detail::strided(src), idx, detail::strided(dst));
+    }
+  }
+  /// dst(idx[i], :) += src(i, :) for every row i of src (distinct idx).
+  template <class S, class D>
+  static void scatter_add_segment(const S& src, const index_t* idx, D&& dst) {
+    if constexpr (on_eigen) {
+      for (index_t i = 0; i < src.rows(); ++i) dst.row(idx[i]) += src.row(i);
+    } else {
+      detail::add_rows_at<backend>(detail::strided(src), idx, detail::strided(dst));
+    }
+  }
+
   template <class X, class Y>
   void check_gathered(const char* where, const X& x, const Y& y, index_t y_cols, const char* y_name) const {
     if (x.cols() != in_features())
@@ -808,19 +885,20 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
     plan(where, ids, *bank, ws);
     if (x.rows() == 0) return;
     if (with_base) expr::apply(expr::base_leaf(w_), x, y, T(1), T(0), ws.base_);  // Y = X W^T, the whole batch
-    const index_t* order = ws.order_.data();
+    const index_t* order = kernel_order(ws);
     run_segments(ws, [&](const Segment& sg, Lane& lane) {
       const typename Bank::Slot& sl = bank->slots[sg.slot];
       const auto term = sl.scale * expr::product(sl.delta->B(), sl.delta->A());
-      const index_t m = sg.count, first = order[sg.begin];
+      const index_t m = sg.count, first = ws.order_[sg.begin];
       if (sg.contiguous) {  // AdaptedLinear::forward's own call on these rows
-        expr::apply(term, x.middleRows(first, m), y.middleRows(first, m), T(1), T(1), lane.eval);
+        expr::apply(term, backend::middle_rows(x, first, m), backend::middle_rows(y, first, m), T(1), T(1),
+                    lane.eval);
       } else {
         auto xg = lane.matrix(0, m, in_features());
         auto yg = lane.matrix(1, m, out_features());
-        for (index_t i = 0; i < m; ++i) xg.row(i) = x.row(order[sg.begin + i]);
+        gather_segment(x, order + sg.begin, xg);
         expr::apply(term, xg, yg, T(1), T(0), lane.eval);  // shrink X_k A_k^T, expand s_k H B_k^T
-        for (index_t i = 0; i < m; ++i) y.row(order[sg.begin + i]) += yg.row(i);
+        scatter_add_segment(yg, order + sg.begin, y);
       }
     });
     if (with_base && has_bias()) BackendOps<backend>::add_to_rows(T(1), bias_, y);
@@ -857,13 +935,13 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
     }
     if (dx) expr::apply_transposed(expr::base_leaf(w_), g, *dx, T(1), options.accumulate_dx ? T(1) : T(0), ws.base_);
     if (x.rows() == 0) return;
-    const index_t* order = ws.order_.data();
+    const index_t* order = kernel_order(ws);
     run_segments(ws, [&](const Segment& sg, Lane& lane) {
       const typename Bank::Slot& sl = bank->slots[sg.slot];
       const delta_type& d = *sl.delta;
       auto& gk = *grads.g_[sg.slot];
       const T s = sl.scale, beta = grads.tokens_[sg.slot] > 0 ? T(1) : T(0);  // accumulate onto earlier batches
-      const index_t m = sg.count, first = order[sg.begin], r = d.rank();
+      const index_t m = sg.count, first = ws.order_[sg.begin], r = d.rank();
       auto h = lane.saved.matrix(m, r, 0);   // (m, r) = X_k A^T, what the forward's shrink computed
       auto gb = lane.saved.matrix(m, r, 1);  // (m, r) = G_k B
       // LowRankDelta::backward's products, in its order, with the bank's s_k.
@@ -874,20 +952,18 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
         backend::gemm_tn(s, gb, xs, beta, gk.dA());  // (r, in) = s (G_k B)^T X_k
       };
       if (sg.contiguous) {
-        grads_of(x.middleRows(first, m), g.middleRows(first, m));
-        if (dx) backend::gemm_nn(s, gb, d.A(), T(1), dx->middleRows(first, m));  // dX_k += s (G_k B) A
+        grads_of(backend::middle_rows(x, first, m), backend::middle_rows(g, first, m));
+        if (dx) backend::gemm_nn(s, gb, d.A(), T(1), backend::middle_rows(*dx, first, m));  // dX_k += s (G_k B) A
       } else {
         auto xg = lane.matrix(0, m, in_features());
         auto gg = lane.matrix(1, m, out_features());
-        for (index_t i = 0; i < m; ++i) {
-          xg.row(i) = x.row(order[sg.begin + i]);
-          gg.row(i) = g.row(order[sg.begin + i]);
-        }
+        gather_segment(x, order + sg.begin, xg);
+        gather_segment(g, order + sg.begin, gg);
         grads_of(xg, gg);
         if (dx) {
           auto dxg = lane.matrix(2, m, in_features());
           backend::gemm_nn(s, gb, d.A(), T(0), dxg);
-          for (index_t i = 0; i < m; ++i) dx->row(order[sg.begin + i]) += dxg.row(i);
+          scatter_add_segment(dxg, order + sg.begin, *dx);
         }
       }
     });
@@ -896,17 +972,24 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
 
   std::optional<init::SVDReport> add_weighted_impl(std::string new_name, weighted_names weighted, Combination how,
                                                    index_t svd_rank, std::optional<double> svd_clamp) {
-    const char* where = "MultiAdapterLinear::add_weighted";
-    detail::adapters::check_weighted(where, weighted);
-    std::lock_guard lock(s_->mutex);
-    if (std::ranges::any_of(s_->entries, [&](const Entry& e) { return e.name == new_name; }))
-      detail::raise<ValueError>(where, ": an adapter named '", new_name, "' already exists");
-    std::vector<WeightedDelta<T>> in;
-    for (const auto& [name, w] : weighted) in.push_back({*find(name, where)->delta, w});
-    if (in.size() == 1) how = Combination::linear;
-    Combined<T> c = combine(std::span<const WeightedDelta<T>>(in), how, svd_rank, svd_clamp);
-    add_locked(std::move(new_name), std::move(c.delta));
-    return std::move(c.report);
+    static_assert(on_eigen,
+                  "lora::MultiAdapterLinear::add_weighted: combine() (and its SVD) runs on the host only; combine "
+                  "on a host layer and move the result with lora::to_device");
+    if constexpr (on_eigen) {  // only the static_assert's sentence otherwise
+      const char* where = "MultiAdapterLinear::add_weighted";
+      detail::adapters::check_weighted(where, weighted);
+      std::lock_guard lock(s_->mutex);
+      if (std::ranges::any_of(s_->entries, [&](const Entry& e) { return e.name == new_name; }))
+        detail::raise<ValueError>(where, ": an adapter named '", new_name, "' already exists");
+      std::vector<WeightedDelta<T>> in;
+      for (const auto& [name, w] : weighted) in.push_back({*find(name, where)->delta, w});
+      if (in.size() == 1) how = Combination::linear;
+      Combined<T> c = combine(std::span<const WeightedDelta<T>>(in), how, svd_rank, svd_clamp);
+      add_locked(std::move(new_name), std::move(c.delta));
+      return std::move(c.report);
+    } else {
+      return {};
+    }
   }
 
   static void require_writable() {
@@ -1182,50 +1265,59 @@ class AdapterSet {
     }
   }
 
+  static constexpr bool host_adapters = std::is_same_v<delta_type, LowRankDelta<scalar, dynamic, EigenBackend>>;
+
   std::vector<std::pair<std::string, init::SVDReport>> add_weighted_impl(std::string new_name,
                                                                          weighted_names weighted, Combination how,
                                                                          index_t svd_rank,
                                                                          std::optional<double> svd_clamp) {
-    std::lock_guard lock(*mutex_);
-    const char* where = "AdapterSet::add_weighted_adapter";
-    detail::adapters::check_weighted(where, weighted);
-    if (weighted.empty()) detail::raise<ValueError>(where, ": no adapters to combine");
-    if (new_name.empty()) detail::raise<ValueError>(where, ": the adapter name is empty");
-    if (contains_adapter(new_name))
-      detail::raise<ValueError>(where, ": an adapter named '", new_name, "' already exists");
-    for (const auto& a : weighted) require_known(a.first, where);
-    if (weighted.size() == 1) how = Combination::linear;  // PEFT: one adapter can only be linear
-    if (how == Combination::svd && svd_rank == 0)
+    static_assert(host_adapters,
+                  "lora::AdapterSet::add_weighted_adapter: combine() (and its SVD) runs on host (Eigen) adapters "
+                  "only; combine on a host model and move the layers with lora::to_device");
+    if constexpr (host_adapters) {  // only the static_assert's sentence otherwise
+      std::lock_guard lock(*mutex_);
+      const char* where = "AdapterSet::add_weighted_adapter";
+      detail::adapters::check_weighted(where, weighted);
+      if (weighted.empty()) detail::raise<ValueError>(where, ": no adapters to combine");
+      if (new_name.empty()) detail::raise<ValueError>(where, ": the adapter name is empty");
+      if (contains_adapter(new_name))
+        detail::raise<ValueError>(where, ": an adapter named '", new_name, "' already exists");
+      for (const auto& a : weighted) require_known(a.first, where);
+      if (weighted.size() == 1) how = Combination::linear;  // PEFT: one adapter can only be linear
+      if (how == Combination::svd && svd_rank == 0)
+        for (const std::string& p : order_) {
+          const Layer& l = layers_.find(p)->second;
+          for (const auto& a : weighted)
+            if (l.contains(a.first)) svd_rank = std::max(svd_rank, l.delta(a.first).rank());
+        }
+
+      std::vector<std::pair<std::string, Combined<scalar>>> made;
       for (const std::string& p : order_) {
         const Layer& l = layers_.find(p)->second;
+        std::vector<WeightedDelta<scalar>> in;
         for (const auto& a : weighted)
-          if (l.contains(a.first)) svd_rank = std::max(svd_rank, l.delta(a.first).rank());
+          if (l.contains(a.first)) in.push_back({l.delta(a.first), a.second});
+        if (in.empty()) continue;
+        const index_t rank = std::min(svd_rank, std::min(l.out_features(), l.in_features()));
+        try {
+          made.emplace_back(p, combine(std::span<const WeightedDelta<scalar>>(in), how, rank, svd_clamp));
+        } catch (const RankError& e) {
+          detail::raise<RankError>(where, ": at '", p, "': ", e.what());
+        } catch (const ShapeError& e) {
+          detail::raise<ShapeError>(where, ": at '", p, "': ", e.what());
+        } catch (const ValueError& e) {
+          detail::raise<ValueError>(where, ": at '", p, "': ", e.what());
+        }
       }
-
-    std::vector<std::pair<std::string, Combined<scalar>>> made;
-    for (const std::string& p : order_) {
-      const Layer& l = layers_.find(p)->second;
-      std::vector<WeightedDelta<scalar>> in;
-      for (const auto& a : weighted)
-        if (l.contains(a.first)) in.push_back({l.delta(a.first), a.second});
-      if (in.empty()) continue;
-      const index_t rank = std::min(svd_rank, std::min(l.out_features(), l.in_features()));
-      try {
-        made.emplace_back(p, combine(std::span<const WeightedDelta<scalar>>(in), how, rank, svd_clamp));
-      } catch (const RankError& e) {
-        detail::raise<RankError>(where, ": at '", p, "': ", e.what());
-      } catch (const ShapeError& e) {
-        detail::raise<ShapeError>(where, ": at '", p, "': ", e.what());
-      } catch (const ValueError& e) {
-        detail::raise<ValueError>(where, ": at '", p, "': ", e.what());
+      std::vector<std::pair<std::string, init::SVDReport>> reports;
+      for (auto& [p, c] : made) {
+        if (c.report) reports.emplace_back(p, std::move(*c.report));
+        layers_.find(p)->second.add(new_name, std::move(c.delta));
       }
+      return reports;
+    } else {
+      return {};
     }
-    std::vector<std::pair<std::string, init::SVDReport>> reports;
-    for (auto& [p, c] : made) {
-      if (c.report) reports.emplace_back(p, std::move(*c.report));
-      layers_.find(p)->second.add(new_name, std::move(c.delta));
-    }
-    return reports;
   }
 
   std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();  // a pointer keeps the set movable

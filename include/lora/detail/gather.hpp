@@ -10,6 +10,7 @@
 //   gather_rows        dst(i, :) = src(ids[i], :)
 //   scatter_add_rows   dst(ids[i], :) += alpha src(i, :), duplicates summed in
 //                      position order: deterministic, no atomics
+//   add_rows_at        dst(ids[i], :) += src(i, :), the ids distinct
 //   for_each_element   f(i, j) over a [rows, cols] index space
 // On the Eigen backend one index is one row (the inner loop vectorises); on
 // the others one element (a GPU wants many small threads).
@@ -199,15 +200,48 @@ struct scatter_add_rows_fn {
   }
 };
 
-/// dst(i, :) = src(ids[i], :) for i < ids.size(). dst has ids.size() rows and
-/// src's columns.
+/// dst(idx[i], :) += src(i, :) where no index repeats (a segment's rows added
+/// back to their tokens' rows): each element written by one index, no atomics.
+template <class T, bool RowPerIndex>
+struct add_rows_at_fn {
+  Strided<const T> src;
+  Strided<T> dst;
+  const index_t* idx;
+  LORA_HOST_DEVICE void operator()(index_t q) const {
+    if constexpr (RowPerIndex) {
+      for (index_t j = 0; j < src.cols; ++j) dst(idx[q], j) += src(q, j);
+    } else {
+      const index_t i = q / src.cols, j = q % src.cols;
+      dst(idx[i], j) += src(i, j);
+    }
+  }
+};
+
+/// dst(i, :) = src(ids[i], :) for every row i of dst; ids are backend-visible
+/// (IndexList::ids(), or a device copy of the caller's).
+template <class B, class S, class T>
+void gather_rows(Strided<S> src, const index_t* ids, Strided<T> dst) {
+  static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::gather_rows: src and dst scalars differ");
+  LORA_ASSERT(dst.cols == src.cols);
+  if (dst.rows == 0 || dst.cols == 0) return;
+  constexpr bool per_row = rows_per_index<B>;
+  B::for_each_index(per_row ? dst.rows : dst.rows * dst.cols, gather_rows_fn<T, per_row>{src, dst, ids});
+}
 template <class B, class S, class T>
 void gather_rows(Strided<S> src, const IndexList<B>& ids, Strided<T> dst) {
-  static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::gather_rows: src and dst scalars differ");
-  LORA_ASSERT(dst.rows == ids.size() && dst.cols == src.cols);
-  if (ids.size() == 0 || dst.cols == 0) return;
+  LORA_ASSERT(dst.rows == ids.size());
+  gather_rows<B>(src, ids.ids(), dst);
+}
+
+/// dst(ids[i], :) += src(i, :) for every row i of src, the ids distinct
+/// (scatter_add_rows sums repeated ones).
+template <class B, class S, class T>
+void add_rows_at(Strided<S> src, const index_t* ids, Strided<T> dst) {
+  static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::add_rows_at: src and dst scalars differ");
+  LORA_ASSERT(dst.cols == src.cols);
+  if (src.rows == 0 || src.cols == 0) return;
   constexpr bool per_row = rows_per_index<B>;
-  B::for_each_index(per_row ? dst.rows : dst.rows * dst.cols, gather_rows_fn<T, per_row>{src, dst, ids.ids()});
+  B::for_each_index(per_row ? src.rows : src.rows * src.cols, add_rows_at_fn<T, per_row>{src, dst, ids});
 }
 
 /// dst(ids[i], :) += alpha src(i, :) for i < ids.size(); rows named several
