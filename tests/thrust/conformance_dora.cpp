@@ -148,18 +148,18 @@ void train_step_matches(const Layer& dev, const M& Xd, const M& Gd, Tape& tape, 
 }
 
 // 130 rows: more than one 64- and 256-row block of the row-norm passes.
-constexpr index_t kOut = 130, kIn = 40, kR = 5, kN = 7;
+constexpr index_t kDoraOut = 130, kDoraIn = 40, kDoraR = 5, kDoraN = 7;
 
 auto make_host_dora(bool bias) {
-  lora::LowRankDelta<float> delta{kOut, kIn, kR, {.alpha = 7.0}};
-  delta.A() = random_host<float>(kR, kIn, 201);
-  delta.B() = random_host<float>(kOut, kR, 202);
-  HostVector<float> b = bias ? HostVector<float>(random_host<float>(kOut, 1, 203)) : HostVector<float>();
-  lora::DoRALinear layer{random_host<float>(kOut, kIn, 200), std::move(b), std::move(delta)};
+  lora::LowRankDelta<float> delta{kDoraOut, kDoraIn, kDoraR, {.alpha = 7.0}};
+  delta.A() = random_host<float>(kDoraR, kDoraIn, 201);
+  delta.B() = random_host<float>(kDoraOut, kDoraR, 202);
+  HostVector<float> b = bias ? HostVector<float>(random_host<float>(kDoraOut, 1, 203)) : HostVector<float>();
+  lora::DoRALinear layer{random_host<float>(kDoraOut, kDoraIn, 200), std::move(b), std::move(delta)};
   // m away from the initial row norms, so c = m / n is not 1.
   HostVector<float> m = layer.magnitude();
-  const Host<float> f = random_host<float>(kOut, 1, 204);
-  for (index_t i = 0; i < kOut; ++i) m(i) *= 1.0f + 0.3f * f(i, 0);
+  const Host<float> f = random_host<float>(kDoraOut, 1, 204);
+  for (index_t i = 0; i < kDoraOut; ++i) m(i) *= 1.0f + 0.3f * f(i, 0);
   layer.delta().set_magnitude(m);
   return layer;
 }
@@ -171,16 +171,16 @@ TEST_CASE("DoRA forward, norm and merge equal the reference", "[conformance][dor
   const auto host = make_host_dora(bias);
   auto dev = on_backend(host);
   static_assert(std::is_same_v<typename decltype(dev)::backend, BK>);
-  const Host<float> W = host.base_weight(), A = host.delta().A(), B = host.delta().B(), X = random_host<float>(kN, kIn, 205);
+  const Host<float> W = host.base_weight(), A = host.delta().A(), B = host.delta().B(), X = random_host<float>(kDoraN, kDoraIn, 205);
   const HostVector<float> m = host.magnitude(), b = host.bias();
-  const DoraRef R = dora_ref(W, A, B, host.delta().scale(), m, b, X, Host<float>::Zero(kN, kOut), ones(kN, kIn), false);
+  const DoraRef R = dora_ref(W, A, B, host.delta().scale(), m, b, X, Host<float>::Zero(kDoraN, kDoraOut), ones(kDoraN, kDoraIn), false);
 
   // The moved layer holds the host's tensors bit for bit.
   CHECK(bit_identical(on_host(dev.delta().A()), A));
   CHECK(bit_identical(Host<float>(on_host(dev.magnitude())), Host<float>(m)));
   check_rel(on_host(dev.weight_norm()), R.norm);
   const auto Xd = on_backend(X);
-  BMatrix<float> Yd(kN, kOut);
+  BMatrix<float> Yd(kDoraN, kDoraOut);
   dev.forward(Xd, Yd);
   check_rel(on_host(Yd), R.Y);
   check_rel(on_host(dev.merged_weight()), R.merged);
@@ -228,8 +228,8 @@ TEST_CASE("DoRA backward, detached and exact norm gradient, equals the reference
   auto dev = on_backend(host);
   dev.set_norm_gradient(exact ? lora::NormGradient::exact : lora::NormGradient::detached);
   const Host<float> W = host.base_weight(), A = host.delta().A(), B = host.delta().B();
-  const Host<float> X = random_host<float>(kN, kIn, 206), G = random_host<float>(kN, kOut, 207);
-  const DoraRef R = dora_ref(W, A, B, host.delta().scale(), host.magnitude(), host.bias(), X, G, ones(kN, kIn), exact);
+  const Host<float> X = random_host<float>(kDoraN, kDoraIn, 206), G = random_host<float>(kDoraN, kDoraOut, 207);
+  const DoraRef R = dora_ref(W, A, B, host.delta().scale(), host.magnitude(), host.bias(), X, G, ones(kDoraN, kDoraIn), exact);
 
   const auto Xd = on_backend(X), Gd = on_backend(G);
   lora::train::Tape<decltype(dev)> tape;
@@ -239,9 +239,9 @@ TEST_CASE("DoRA backward, detached and exact norm gradient, equals the reference
   // Accumulation adds the same gradients again.
   lora::train::backward(dev, Xd, Gd, tape, grads, lora::train::BackwardOptions{.accumulate = true});
   Dense dA2 = R.dA, dm2 = R.dm;
-  for (index_t k = 0; k < kR; ++k)
-    for (index_t j = 0; j < kIn; ++j) dA2(k, j) *= 2;
-  for (index_t i = 0; i < kOut; ++i) dm2(i, 0) *= 2;
+  for (index_t k = 0; k < kDoraR; ++k)
+    for (index_t j = 0; j < kDoraIn; ++j) dA2(k, j) *= 2;
+  for (index_t i = 0; i < kDoraOut; ++i) dm2(i, 0) *= 2;
   check_rel(on_host(grads.dA()), dA2);
   check_rel(on_host(grads.adapter().dm()), dm2);
 }
@@ -249,33 +249,33 @@ TEST_CASE("DoRA backward, detached and exact norm gradient, equals the reference
 TEST_CASE("DoRA training forward with dropout equals the reference on the same mask", "[conformance][dora]") {
   const auto host = make_host_dora(true);
   const auto dev = on_backend(host);
-  const Host<float> W = host.base_weight(), A = host.delta().A(), B = host.delta().B(), X = random_host<float>(kN, kIn, 208);
+  const Host<float> W = host.base_weight(), A = host.delta().A(), B = host.delta().B(), X = random_host<float>(kDoraN, kDoraIn, 208);
   const double p = 0.3;
   const std::uint64_t seed = 5, step = 2;  // the mask is counter-based: (seed, stream = step)
   const DoraRef R = dora_ref(W, A, B, host.delta().scale(), host.magnitude(), host.bias(), X,
-                             Host<float>::Zero(kN, kOut), ref::keep(kN, kIn, p, seed, step), false);
+                             Host<float>::Zero(kDoraN, kDoraOut), ref::keep(kDoraN, kDoraIn, p, seed, step), false);
   lora::train::Tape<std::remove_const_t<decltype(dev)>> tape;
-  BMatrix<float> Yd(kN, kOut);
+  BMatrix<float> Yd(kDoraN, kDoraOut);
   lora::train::forward(dev, on_backend(X), Yd, tape, lora::train::Dropout(p, seed), step);
   CHECK(tape.dropped());
   check_rel(on_host(Yd), R.Y);
 }
 
 TEST_CASE("DoRA over an NF4 base: forward and backward against the reference over deq(W)", "[conformance][dora][nf4]") {
-  const Host<float> W = random_host<float>(kOut, kIn, 210);
+  const Host<float> W = random_host<float>(kDoraOut, kDoraIn, 210);
   lora::NF4Matrix Wq = lora::NF4Matrix::quantize(W, {.block_size = 64});
   const Host<float> Wd = ref::dequantize(Wq);  // from the raw bytes
-  lora::LowRankDelta<float> delta{kOut, kIn, kR, {.alpha = 7.0}};
-  delta.A() = random_host<float>(kR, kIn, 211);
-  delta.B() = random_host<float>(kOut, kR, 212);
+  lora::LowRankDelta<float> delta{kDoraOut, kDoraIn, kDoraR, {.alpha = 7.0}};
+  delta.A() = random_host<float>(kDoraR, kDoraIn, 211);
+  delta.B() = random_host<float>(kDoraOut, kDoraR, 212);
   const lora::DoRALinear host{std::move(Wq), std::move(delta)};
   auto dev = on_backend(host);
   static_assert(decltype(dev)::base_is_quantized && std::is_same_v<typename decltype(dev)::backend, BK>);
   dev.set_norm_gradient(lora::NormGradient::exact);
   const Host<float> A = host.delta().A(), B = host.delta().B();
-  const Host<float> X = random_host<float>(kN, kIn, 213), G = random_host<float>(kN, kOut, 214);
+  const Host<float> X = random_host<float>(kDoraN, kDoraIn, 213), G = random_host<float>(kDoraN, kDoraOut, 214);
   const DoraRef R = dora_ref(Wd, A, B, host.delta().scale(), host.magnitude(), HostVector<float>(), X, G,
-                             ones(kN, kIn), true);
+                             ones(kDoraN, kDoraIn), true);
   // m starts as the row norms of deq(W) + s B A (PEFT's initialisation).
   check_rel(on_host(dev.magnitude()), R.norm);
   const auto Xd = on_backend(X), Gd = on_backend(G);
