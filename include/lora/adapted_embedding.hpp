@@ -3,7 +3,9 @@
 // layout (lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]):
 // the row of token t is table[t] + s * B A[:, t]. Forward gathers rows of the
 // table and columns of A; it never forms B A and never multiplies by a one-hot
-// matrix. Eigen (CPU) backend.
+// matrix. One code path for every backend: the row gather, the column gather
+// of A and the scatter into dA are detail::gather_rows / scatter_add_rows
+// (detail/gather.hpp), the rest the backend's products.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +14,7 @@
 #include <utility>
 
 #include "lora.hpp"
+#include "detail/gather.hpp"
 
 namespace lora {
 
@@ -25,20 +28,28 @@ namespace lora {
 /// Base is the table's storage: an owned RowMatrix<T>, an Eigen::Map (const or
 /// writable) over the caller's buffer, a 16-bit RowMatrix<Eigen::bfloat16> /
 /// Map of one (rows widened to float), or an NF4Matrix (each looked-up row
-/// decoded on its own). merge() / unmerge() need a writable dense table.
+/// decoded on its own); on the Thrust backend a DeviceMatrix<T> or a
+/// DeviceMatrixView (dense tables only). merge() / unmerge() need a writable
+/// dense table. lora::to_device(layer) / to_host(layer) move an unmerged layer.
+///
+/// Ids are host memory (std::span) on every backend: they are validated there
+/// before anything is written (an id outside [0, num_embeddings) throws
+/// lora::ValueError naming the id and its position, and Y / the gradients are
+/// left untouched), then grouped and made visible to the backend's kernels in
+/// the workspace (detail::IndexList).
 ///
 /// forward() and backward() are const and safe to call from several threads on
-/// one layer: they only read E, A, B and allocate [n, r] scratch (nothing when
-/// the caller passes a workspace). Ids are validated before anything is
-/// written: an id outside [0, num_embeddings) throws lora::ValueError naming
-/// the id and its position, and Y / the gradients are left untouched.
+/// one layer: they only read E, A, B and allocate [n, r] scratch and the id
+/// list (nothing once a reused workspace has grown, on the Eigen backend).
 template <BaseWeight Base, class Delta>
 class AdaptedEmbedding {
   static_assert(LowRankFactors<Delta>,
                 "lora::AdaptedEmbedding<Base, Delta>: Delta must be a low-rank pair with A() and B() "
                 "(e.g. lora::LowRankDelta<T, Rank>{dim, num_embeddings, options})");
-  static_assert(std::is_same_v<typename Delta::backend, EigenBackend>,
-                "lora::AdaptedEmbedding: only the Eigen (CPU) backend is supported");
+  static_assert(std::is_same_v<typename Delta::backend, EigenBackend> || !QuantizedMatrix<Base>,
+                "lora::AdaptedEmbedding: a compressed (NF4) or 16-bit table is supported on the Eigen (CPU) "
+                "backend only; on the device use a dense DeviceMatrix<T> table (e.g. "
+                "lora::to_device(RowMatrix<T>(nf4_table.dequantize())))");
 
  public:
   using base_type = Base;
@@ -49,7 +60,13 @@ class AdaptedEmbedding {
   /// An embedding has no bias; the type exists so train::Gradients and the
   /// optimizers take this layer as they take an AdaptedLinear.
   using bias_type = typename backend::template vector<scalar>;
-  using workspace = typename backend::template workspace<scalar>;
+  using matrix_type = typename backend::template matrix<scalar>;
+  /// The backend's product scratch ([n, r] in two slots) and the batch's ids
+  /// as its kernels read them. Reuse one across calls to stop allocating.
+  class workspace : public backend::template workspace<scalar> {
+   public:
+    detail::IndexList<backend> ids;
+  };
 
   static constexpr int num_embeddings_at_compile_time = weight_traits<Base>::rows;
   static constexpr int dim_at_compile_time = weight_traits<Base>::cols;
@@ -102,9 +119,9 @@ class AdaptedEmbedding {
     workspace ws;
     forward_impl(ids, y, ws);
   }
-  /// Returns Y [n, dim].
-  RowMatrix<scalar> forward(std::span<const std::int64_t> ids) const { return forward_alloc(ids); }
-  RowMatrix<scalar> forward(std::span<const std::int32_t> ids) const { return forward_alloc(ids); }
+  /// Returns Y [n, dim] (the backend's matrix).
+  matrix_type forward(std::span<const std::int64_t> ids) const { return forward_alloc(ids); }
+  matrix_type forward(std::span<const std::int32_t> ids) const { return forward_alloc(ids); }
 
   // ---- backward -------------------------------------------------------------------
   /// From G = dL/dY [n, dim] (no dX: ids are discrete; the table is frozen):
@@ -170,18 +187,35 @@ class AdaptedEmbedding {
     merged_ = false;
     return true;
   }
-  /// The effective table E + s (B A)^T [num_embeddings, dim], dense, for any
-  /// base (a 16-bit / NF4 table decoded); E alone when merged (it holds the delta).
-  RowMatrix<scalar> merged_table() const {
+  /// The effective table E + s (B A)^T [num_embeddings, dim], dense (the
+  /// backend's matrix), for any base (a 16-bit / NF4 table decoded); E alone
+  /// when merged (it holds the delta).
+  matrix_type merged_table() const {
     check_consistent("AdaptedEmbedding::merged_table");
-    RowMatrix<scalar> out(num_embeddings(), embedding_dim());
+    matrix_type out;
+    backend::resize(out, num_embeddings(), embedding_dim());
     if constexpr (QuantizedMatrix<Base>) {
       quantized_traits_t<Base>::assign(table_, 0, num_embeddings(), scalar(1), scalar(0), out);
     } else {
-      out = table_;
+      BackendOps<backend>::copy(table_, out);
     }
     if (!merged_) add_delta_into(out, delta_.scale());
     return out;
+  }
+
+  /// The same layer with each tensor (table, delta) replaced by move(tensor):
+  /// what lora::to_device(layer) / to_host(layer) call (the moved layer owns
+  /// its table). ValueError when merged (the table holds the delta then).
+  template <class Move>
+  auto transferred(Move move) const {
+    constexpr const char* where = "AdaptedEmbedding::transferred";
+    if (merged_)
+      detail::raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged table cannot be split "
+                                       "back into table and delta on the other side)");
+    check_consistent(where);
+    auto table = move(table_);
+    auto delta = move(delta_);
+    return AdaptedEmbedding<decltype(table), decltype(delta)>(std::move(table), std::move(delta));
   }
 
   /// Throws lora::ShapeError when the delta is not [out, in] = [dim,
@@ -226,15 +260,21 @@ class AdaptedEmbedding {
     }
     check_ids(where, ids);
     if (n == 0) return;
-    for (index_t i = 0; i < n; ++i) copy_row(static_cast<index_t>(ids[static_cast<std::size_t>(i)]), y, i);
+    ws.ids.assign(ids);
+    if constexpr (QuantizedMatrix<Base>) {  // Eigen only (class static_assert): decode row by row
+      for (index_t i = 0; i < n; ++i) copy_row(ws.ids.host()[static_cast<std::size_t>(i)], y, i);
+    } else {
+      detail::gather_rows(detail::strided(table_), ws.ids, detail::strided(y));  // (n, dim) = E[ids]
+    }
     if (merged_) return;  // the table already holds s (B A)^T
-    auto h = gather_a(ids, ws, 0);                     // (n, r) = A[:, ids]^T
+    auto h = gather_a(ws, 0);                                         // (n, r) = A[:, ids]^T
     backend::gemm_nt(delta_.scale(), h, delta_.B(), scalar(1), y);  // (n, dim) += s H B^T
   }
 
   template <class Id>
-  RowMatrix<scalar> forward_alloc(std::span<const Id> ids) const {
-    RowMatrix<scalar> y(static_cast<index_t>(ids.size()), embedding_dim());
+  matrix_type forward_alloc(std::span<const Id> ids) const {
+    matrix_type y;
+    backend::resize(y, static_cast<index_t>(ids.size()), embedding_dim());
     workspace ws;
     forward_impl(ids, y, ws);
     return y;
@@ -261,28 +301,24 @@ class AdaptedEmbedding {
     if (!options.accumulate) grads.zero();
     if (n == 0) return;
     const scalar s = delta_.scale();
-    auto h = gather_a(ids, ws, 0);                          // (n, r) = A[:, ids]^T
+    ws.ids.assign(ids);
+    auto h = gather_a(ws, 0);                                     // (n, r) = A[:, ids]^T
     auto gb = ws.template matrix<rank_at_compile_time>(n, r, 1);  // (n, r) = G B
     backend::gemm_nn(scalar(1), g, delta_.B(), scalar(0), gb);
     backend::gemm_tn(s, g, h, beta, grads.dB());  // (dim, r) = s G^T H
     // dA is [r, num_embeddings] but only the batch's columns get a term: a
-    // scatter-add, O(n r), instead of s (G B)^T onehot(ids).
-    auto& da = grads.dA();
-    for (index_t i = 0; i < n; ++i)
-      da.col(static_cast<index_t>(ids[static_cast<std::size_t>(i)])) += s * gb.row(i).transpose();
+    // scatter-add into dA^T's rows, O(n r), instead of s (G B)^T onehot(ids).
+    detail::scatter_add_rows(s, detail::strided(gb), ws.ids, detail::strided_transposed(grads.dA()));
   }
 
-  /// H [n, r] with H[i] = A[:, ids[i]]^T, in workspace slot `slot`.
-  template <class Id>
-  auto gather_a(std::span<const Id> ids, workspace& ws, int slot) const {
-    const index_t n = static_cast<index_t>(ids.size());
-    auto h = ws.template matrix<rank_at_compile_time>(n, rank(), slot);
-    const auto& a = delta_.A();
-    for (index_t i = 0; i < n; ++i) h.row(i) = a.col(static_cast<index_t>(ids[static_cast<std::size_t>(i)])).transpose();
+  /// H [n, r] with H[i] = A[:, ids[i]]^T (rows of A^T), in workspace slot `slot`.
+  auto gather_a(workspace& ws, int slot) const {
+    auto h = ws.template matrix<rank_at_compile_time>(ws.ids.size(), rank(), slot);
+    detail::gather_rows(detail::strided_transposed(delta_.A()), ws.ids, detail::strided(h));
     return h;
   }
 
-  /// Y[i] = E[t], widening a 16-bit row or decoding one NF4 row.
+  /// Y[i] = E[t], widening a 16-bit row or decoding one NF4 row (Eigen backend).
   template <class Y>
   void copy_row(index_t t, Y& y, index_t i) const {
     if constexpr (QuantizedMatrix<Base> && !Matrix<Base>) {
@@ -297,7 +333,9 @@ class AdaptedEmbedding {
   /// pass. B^T [r, dim] is copied (small) so the product kernels read it row-major.
   template <class M>
   void add_delta_into(M& m, scalar s) const {
-    const RowMatrix<scalar> bt = delta_.B().transpose();
+    typename backend::template matrix<scalar, rank_at_compile_time, dynamic> bt;
+    backend::resize(bt, rank(), embedding_dim());
+    detail::copy_strided<backend>(detail::strided_transposed(delta_.B()), detail::strided(bt));
     backend::gemm_tn(s, delta_.A(), bt, scalar(1), m);
   }
 

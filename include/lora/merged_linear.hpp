@@ -2,7 +2,8 @@
 // (one frozen W [sum(out_k), in] for q, k and v) with a separate low-rank delta
 // on each enabled slice of output rows, and the conversion to and from
 // loralib's stacked lora_A [r k, in] / lora_B [out_slice k, r] layout.
-// Eigen (CPU) backend.
+// Every backend (slices of Y and G are Backend::middle_cols views); the
+// loralib conversion reads and writes host (Eigen) layers.
 #pragma once
 
 #include <cstddef>
@@ -112,8 +113,10 @@ class MergedDeltas {
 /// Base is W's storage as for AdaptedLinear: an owned RowMatrix<T>, an
 /// Eigen::Map (const or writable) over the caller's buffer, a 16-bit
 /// RowMatrix<Eigen::bfloat16> / <Eigen::half> or an NF4Matrix (decoded inside
-/// the products). merge() / unmerge() need a writable dense W; merged_weight()
-/// works for every base.
+/// the products); on the Thrust backend the bases AdaptedLinear takes there (the
+/// conformance suite runs a DeviceMatrix<T>). merge() / unmerge() need a
+/// writable dense W; merged_weight() works for every base.
+/// lora::to_device(layer) / to_host(layer) move an unmerged layer.
 ///
 /// forward() and backward() are const and safe to call from several threads on
 /// one layer: they only read W, the deltas and the bias, and allocate [n, r]
@@ -123,9 +126,6 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
   static_assert(MergeableAdapter<Delta>,
                 "lora::MergedLinear<Base, Delta>: Delta must be a lora::MergeableAdapter (e.g. "
                 "lora::LowRankDelta<T, Rank>), one per enabled slice");
-  static_assert(std::is_same_v<typename Delta::backend, EigenBackend>,
-                "lora::MergedLinear: only the Eigen (CPU) backend is supported (slices of Y are Eigen column "
-                "blocks)");
 
  public:
   using base_type = Base;
@@ -136,6 +136,7 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
   using scalar = typename Delta::scalar;
   using backend = typename Delta::backend;
   using bias_type = typename backend::template vector<scalar>;
+  using matrix_type = typename backend::template matrix<scalar>;
   using workspace = typename backend::template workspace<scalar>;
 
   static constexpr int in_at_compile_time = weight_traits<Base>::cols;
@@ -228,7 +229,8 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
     expr::apply(base_expression(), x, y, scalar(1), scalar(0), ws);  // (n, out) = (n, in) (out, in)^T, once
     if (!merged_)
       for (std::size_t j = 0; j < deltas_.size(); ++j)  // (n, out_k) += s_k (X A_k^T) B_k^T
-        expr::apply(deltas_[j].expression(), x, y.middleCols(offset_of(j), size_of(j)), scalar(1), scalar(1), ws);
+        expr::apply(deltas_[j].expression(), x, backend::middle_cols(y, offset_of(j), size_of(j)), scalar(1),
+                    scalar(1), ws);
     if (has_bias()) BackendOps<backend>::add_to_rows(scalar(1), bias_, y);
   }
   /// forward(x, y) (a workspace per call) and forward(x) (returns Y [n, out]).
@@ -259,8 +261,7 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
   template <Matrix X, Matrix G>
   void backward(const X& x, const G& g, gradients& grads, train::BackwardOptions options = {}) const {
     workspace ws;
-    backward_impl(x, g, grads, static_cast<bias_type*>(nullptr), static_cast<RowMatrix<scalar>*>(nullptr), ws,
-                  options);
+    backward_impl(x, g, grads, static_cast<bias_type*>(nullptr), static_cast<matrix_type*>(nullptr), ws, options);
   }
   /// The same into train::Gradients<MergedLinear> (what optimizer.add(layer,
   /// grads) registers), with db when it trains.
@@ -275,7 +276,7 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
                 train::BackwardOptions options = {}) const {
     workspace ws;
     backward_impl(x, g, grads.adapter(), grads.has_bias() ? &grads.db() : nullptr,
-                  static_cast<RowMatrix<scalar>*>(nullptr), ws, options);
+                  static_cast<matrix_type*>(nullptr), ws, options);
   }
 
   // ---- merge ----------------------------------------------------------------------
@@ -322,16 +323,37 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
     }
     return merge();
   }
-  /// The effective weight [out, in], dense, for any base (16-bit / NF4
-  /// decoded): W with s_k B_k A_k added into each enabled slice's rows; W
-  /// alone when merged (it holds the terms).
-  RowMatrix<scalar> merged_weight() const {
+  /// The effective weight [out, in], dense (the backend's matrix), for any
+  /// base (16-bit / NF4 decoded): W with s_k B_k A_k added into each enabled
+  /// slice's rows; W alone when merged (it holds the terms).
+  matrix_type merged_weight() const {
     check_consistent("MergedLinear::merged_weight");
-    RowMatrix<scalar> out = expr::materialize(base_expression());
+    matrix_type out = expr::materialize(base_expression());
     if (!merged_)
       for (std::size_t j = 0; j < deltas_.size(); ++j)
-        expr::assign(out.middleRows(offset_of(j), size_of(j)), deltas_[j].expression(), scalar(1), scalar(1));
+        expr::assign(backend::middle_rows(out, offset_of(j), size_of(j)), deltas_[j].expression(), scalar(1),
+                     scalar(1));
     return out;
+  }
+
+  /// The same layer with each tensor (W, bias, each delta) replaced by
+  /// move(tensor): what lora::to_device(layer) / to_host(layer) call (the
+  /// moved layer owns its W). ValueError when merged (W holds the deltas' terms then).
+  template <class Move>
+  auto transferred(Move move) const {
+    constexpr const char* where = "MergedLinear::transferred";
+    if (merged_)
+      detail::raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged W cannot be split "
+                                       "back into base and deltas on the other side)");
+    check_consistent(where);
+    auto w = move(w_);
+    using moved_delta = decltype(move(deltas_[0]));
+    std::vector<moved_delta> deltas;
+    deltas.reserve(deltas_.size());
+    for (const Delta& d : deltas_) deltas.push_back(move(d));
+    using result = MergedLinear<decltype(w), moved_delta>;
+    if (has_bias()) return result(std::move(w), move(bias_), sizes_, enabled_, std::move(deltas));
+    return result(std::move(w), sizes_, enabled_, std::move(deltas));
   }
 
   /// Throws lora::ShapeError when a delta is no longer [out_k, in] or the bias
@@ -450,7 +472,7 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
 
     const scalar beta = options.accumulate ? scalar(1) : scalar(0);
     for (std::size_t j = 0; j < deltas_.size(); ++j) {
-      const auto gk = g.middleCols(offset_of(j), size_of(j));  // (n, out_k): a view of G
+      const auto gk = backend::middle_cols(g, offset_of(j), size_of(j));  // (n, out_k): a view of G
       deltas_[j].record(x, ws);                                 // slot 0: H_k = X A_k^T (n, r)
       deltas_[j].backward(gk, x, ws, grads[j], beta);           // dA_k, dB_k (slot 1: G_k B_k)
     }
@@ -460,8 +482,8 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
       expr::apply_transposed(base_expression(), g, *dx, scalar(1), beta_dx, ws);  // (n, in) = (n, out) (out, in)
       if (!merged_)
         for (std::size_t j = 0; j < deltas_.size(); ++j)  // (n, in) += s_k (G_k B_k) A_k
-          expr::apply_transposed(deltas_[j].expression(), g.middleCols(offset_of(j), size_of(j)), *dx, scalar(1),
-                                 scalar(1), ws);
+          expr::apply_transposed(deltas_[j].expression(), backend::middle_cols(g, offset_of(j), size_of(j)), *dx,
+                                 scalar(1), scalar(1), ws);
     }
   }
 
@@ -488,7 +510,7 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
 
 /// The dense effective weight of a MergedLinear (layer.merged_weight()).
 template <class Base, class Delta>
-RowMatrix<typename Delta::scalar> merged_weight(const MergedLinear<Base, Delta>& layer) {
+auto merged_weight(const MergedLinear<Base, Delta>& layer) {
   return layer.merged_weight();
 }
 
@@ -569,6 +591,9 @@ struct MergedFactors {
 /// rank; the scale is not stored (loralib keeps lora_alpha in its config).
 template <class Base, class Delta>
 MergedFactors<typename Delta::scalar> merged_factors(const MergedLinear<Base, Delta>& layer) {
+  static_assert(std::is_same_v<typename Delta::backend, EigenBackend>,
+                "lora::loralib::merged_factors: loralib's layout is built on the host; move the layer there "
+                "first (lora::to_host(layer))");
   using T = typename Delta::scalar;
   constexpr const char* where = "loralib::merged_factors";
   layer.check_consistent(where);

@@ -9,6 +9,8 @@
 //   optional   copy, add_to_rows, sum_rows, first_non_finite(matrix), fill_random:
 //              lora::BackendOps<B> calls the backend's own where it has one and
 //              a fallback built from the required pieces where not
+//              middle_cols(m, start, count) (a view of columns, writable when m
+//              is): MergedLinear's slices of Y and G; no fallback
 //   hooks      backend_hooks<B> (traits.hpp): fused paths the evaluators take
 //              where the backend's flag says so (CUDA's fused LoRA kernel)
 // detail::check_backend<B, T>() names the first missing piece in a

@@ -11,6 +11,7 @@
 //   scatter_add_rows   dst(ids[i], :) += alpha src(i, :), duplicates summed in
 //                      position order: deterministic, no atomics
 //   add_rows_at        dst(ids[i], :) += src(i, :), the ids distinct
+//   copy_strided       dst = src (a transpose, with strided_transposed)
 //   for_each_element   f(i, j) over a [rows, cols] index space
 // On the Eigen backend one index is one row (the inner loop vectorises); on
 // the others one element (a GPU wants many small threads).
@@ -216,6 +217,21 @@ struct add_rows_at_fn {
     }
   }
 };
+
+template <class T>
+struct copy_fn {
+  Strided<const T> src;
+  Strided<T> dst;
+  LORA_HOST_DEVICE void operator()(index_t i, index_t j) const { dst(i, j) = src(i, j); }
+};
+/// dst = src between any two windows of one shape: with src a
+/// strided_transposed window, a transpose on any backend.
+template <class B, class S, class T>
+void copy_strided(Strided<S> src, Strided<T> dst) {
+  static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::copy_strided: src and dst scalars differ");
+  LORA_ASSERT(src.rows == dst.rows && src.cols == dst.cols);
+  for_each_element<B>(dst.rows, dst.cols, copy_fn<T>{src, dst});
+}
 
 /// dst(i, :) = src(ids[i], :) for every row i of dst; ids are backend-visible
 /// (IndexList::ids(), or a device copy of the caller's).

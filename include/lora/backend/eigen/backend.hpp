@@ -133,6 +133,11 @@ struct EigenBackend {
   static auto middle_rows(M&& m, index_t start, index_t count) {
     return m.middleRows(start, count);
   }
+  /// Columns [start, start + count) as a view, writable when m is.
+  template <class M>
+  static auto middle_cols(M&& m, index_t start, index_t count) {
+    return m.middleCols(start, count);
+  }
 
   /// Fill with samples of `dist` (UniformDist, NormalDist): element at flat
   /// row-major index i draws counter i of (seed, stream), as every backend does.

@@ -277,6 +277,16 @@ struct ThrustBackend {
     return DeviceMatrixView<E, dynamic, detail::static_cols_v<M>>{mv.data() + start * mv.stride(), count,
                                                                      mv.cols(), mv.stride()};
   }
+  /// Columns [start, start + count) as a view (m's row stride kept), writable when m is.
+  template <class M>
+  static auto middle_cols(M&& m, index_t start, index_t count) {
+    const auto mv = view(m);
+    using E = typename decltype(mv)::element_type;
+    if (start < 0 || count < 0 || start + count > mv.cols())
+      detail::raise<ShapeError>("ThrustBackend::middle_cols: columns [", start, ", ", start + count,
+                                 ") of a matrix with ", mv.cols(), " columns");
+    return DeviceMatrixView<E, detail::static_rows_v<M>, dynamic>{mv.data() + start, mv.rows(), count, mv.stride()};
+  }
 
   /// Fill with samples of `dist`: element at flat row-major index i draws
   /// counter i of (seed, stream), as every backend does.
