@@ -23,8 +23,11 @@
 // Thrust entries also check what must agree across backends: bit-identical random
 // fills, dropout masks and SVD factors with the Eigen backend, and its messages.
 //
-// Five TUs (forward, layer, primitives, init, qlora) per entry, so that none needs
-// 2 GB of compiler memory (g++ -O3) and two build at once on a 2-core machine.
+// One TU per part (forward, layer, primitives, init, qlora; the layer kinds dora,
+// embedding, merged, multi; half on Thrust only), so that none needs 2 GB of
+// compiler memory (g++ -O3) and two build at once on a 2-core machine. nvcc
+// compiles the four layer-kind parts as one TU (conformance_layers.cu), so their
+// file-local names must not collide.
 #pragma once
 
 #if defined(LORA_CONFORMANCE_BACKEND_EIGEN)
