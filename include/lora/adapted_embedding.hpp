@@ -209,9 +209,7 @@ class AdaptedEmbedding {
   template <class Move>
   auto transferred(Move move) const {
     constexpr const char* where = "AdaptedEmbedding::transferred";
-    if (merged_)
-      detail::raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged table cannot be split "
-                                       "back into table and delta on the other side)");
+    detail::check_movable(where, merged_);
     check_consistent(where);
     auto table = move(table_);
     auto delta = move(delta_);

@@ -525,10 +525,9 @@ class DoRALinear : public detail::LinearForwards<DoRALinear<Base, T, Rank>> {
   /// to_host call it): W (owned there), bias, A, B, m; the options kept.
   template <class Move>
   auto transferred(Move move) const {
-    if (merged_)
-      detail::raise<ValueError>("DoRALinear: moving a merged layer; unmerge() it first (a merged W cannot be "
-                                 "split back into W, B A and m on the other side)");
-    check_consistent("DoRALinear: moving the layer");
+    constexpr const char* where = "DoRALinear::transferred";
+    detail::check_movable(where, merged_);
+    check_consistent(where);
     auto w = move(w_);
     using result = DoRALinear<decltype(w), T, Rank>;
     typename result::bias_type bias;

@@ -342,9 +342,7 @@ class MergedLinear : public detail::LinearForwards<MergedLinear<Base, Delta>> {
   template <class Move>
   auto transferred(Move move) const {
     constexpr const char* where = "MergedLinear::transferred";
-    if (merged_)
-      detail::raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged W cannot be split "
-                                       "back into base and deltas on the other side)");
+    detail::check_movable(where, merged_);
     check_consistent(where);
     auto w = move(w_);
     using moved_delta = decltype(move(deltas_[0]));

@@ -40,6 +40,15 @@ void check_delta_shape(const char* where, const D& delta, index_t out, index_t i
                       delta.out_features(), ", ", delta.in_features(), "]");
 }
 
+/// Moving a layer to another backend (lora::to_device / to_host, through
+/// transferred(move)) needs it unmerged: a merged base holds the adapter's term,
+/// which the other side could not take out again.
+inline void check_movable(const char* where, bool merged) {
+  if (merged)
+    raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged base weight cannot be split "
+                             "back into base and adapter on the other side)");
+}
+
 /// The convenience forwards of a linear layer, written once. There are two:
 /// one without a workspace (it makes one per call), and one that returns Y
 /// (for a compile-time vector x [in], a vector y [out]). Layer derives from

@@ -55,9 +55,7 @@ namespace detail {
 /// Moves W, the bias and the delta with `move`; the new layer owns its W.
 template <class Layer, class Move>
 auto move_layer(const char* where, const Layer& layer, Move move) {
-  if (layer.merged())
-    raise<ValueError>(where, ": the layer is merged; unmerge() it first (a merged W cannot be split back "
-                              "into base and delta on the other side)");
+  check_movable(where, layer.merged());
   auto w = move(layer.base_weight());
   auto delta = move(layer.delta());
   using result = AdaptedLinear<decltype(w), decltype(delta)>;
