@@ -299,7 +299,7 @@ class AdaptedEmbedding {
     if (!options.accumulate) grads.zero();
     if (n == 0) return;
     const scalar s = delta_.scale();
-    ws.ids.assign(ids);
+    ws.ids.assign(ids, /*grouped=*/true);  // the dA scatter sums repeated ids
     auto h = gather_a(ws, 0);                                     // (n, r) = A[:, ids]^T
     auto gb = ws.template matrix<rank_at_compile_time>(n, r, 1);  // (n, r) = G B
     backend::gemm_nn(scalar(1), g, delta_.B(), scalar(0), gb);

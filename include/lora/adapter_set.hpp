@@ -843,23 +843,15 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
     }
   }
 
-  /// dst(i, :) = src(idx[i], :) for every row i of dst: a segment's tokens gathered.
+  /// A segment's tokens gathered: dst(i, :) = src(idx[i], :).
   template <class S, class D>
   static void gather_segment(const S& src, const index_t* idx, D&& dst) {
-    if constexpr (on_eigen) {  // one row per index: the copy vectorises
-      for (index_t i = 0; i < dst.rows(); ++i) dst.row(i) = src.row(idx[i]);
-    } else {
-      detail::gather_rows<backend>(detail::strided(src), idx, detail::strided(dst));
-    }
+    detail::gather_rows<backend>(detail::strided(src), idx, detail::strided(dst));
   }
-  /// dst(idx[i], :) += src(i, :) for every row i of src (distinct idx).
+  /// A segment's rows added back to its tokens: dst(idx[i], :) += src(i, :).
   template <class S, class D>
   static void scatter_add_segment(const S& src, const index_t* idx, D&& dst) {
-    if constexpr (on_eigen) {
-      for (index_t i = 0; i < src.rows(); ++i) dst.row(idx[i]) += src.row(i);
-    } else {
-      detail::add_rows_at<backend>(detail::strided(src), idx, detail::strided(dst));
-    }
+    detail::add_rows_at<backend>(detail::strided(src), idx, detail::strided(dst));
   }
 
   template <class X, class Y>

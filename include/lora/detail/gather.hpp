@@ -6,7 +6,8 @@
 //                      matrix or view (strided(m)), or of its transpose
 //                      (strided_transposed(m): a column gather is a row gather)
 //   IndexList<B>       token ids from the host, checked by the caller, made
-//                      visible to the backend's kernels, grouped by value
+//                      visible to the backend's kernels (grouped by value for
+//                      a scatter on a parallel backend)
 //   gather_rows        dst(i, :) = src(ids[i], :)
 //   scatter_add_rows   dst(ids[i], :) += alpha src(i, :), duplicates summed in
 //                      position order: deterministic, no atomics
@@ -102,42 +103,31 @@ void for_each_element(index_t rows, index_t cols, const F& f) {
   B::for_each_index(per_row ? rows : rows * cols, element_fn<F, per_row>{f, cols});
 }
 
-/// Token ids copied from the host (as index_t), uploaded once per assign(),
-/// and grouped by value for scatter-adds: `targets` the distinct ids in
-/// ascending order, the positions of targets[u] at `positions[starts[u] ..
-/// starts[u + 1])`, ascending. Grows, never shrinks (reused, it stops allocating).
+/// Token ids copied from the host (as index_t) and uploaded once per assign().
+/// With `grouped` (what scatter_add_rows needs on a parallel backend) they are
+/// also grouped by value: `targets` the distinct ids in ascending order, the
+/// positions of targets[u] at `positions[starts[u] .. starts[u + 1])`,
+/// ascending. The Eigen backend needs no grouping: its scatter runs over the
+/// positions in order, one thread. Grows, never shrinks (reused, it stops
+/// allocating on the host).
 template <class B>
 class IndexList {
+  static constexpr bool on_host = std::is_same_v<B, EigenBackend>;
+
  public:
   /// ids must already be checked (0 <= id < the gathered matrix's rows).
   template <class Id>
-  void assign(std::span<const Id> ids) {
+  void assign(std::span<const Id> ids, bool grouped = false) {
     const auto n = ids.size();
     host_ids_.resize(n);
     for (std::size_t i = 0; i < n; ++i) host_ids_[i] = static_cast<index_t>(ids[i]);
-    // Group: a stable sort of positions by id (ids are arbitrary, not bounded
-    // by a small table, so a comparison sort rather than a counting sort).
-    host_pos_.resize(n);
-    for (std::size_t i = 0; i < n; ++i) host_pos_[i] = static_cast<index_t>(i);
-    std::stable_sort(host_pos_.begin(), host_pos_.end(),
-                     [&](index_t a, index_t b) { return host_ids_[a] < host_ids_[b]; });
-    host_targets_.clear();
-    host_starts_.clear();
-    for (std::size_t k = 0; k < n; ++k) {
-      const index_t id = host_ids_[host_pos_[k]];
-      if (host_targets_.empty() || host_targets_.back() != id) {
-        host_targets_.push_back(id);
-        host_starts_.push_back(static_cast<index_t>(k));
-      }
-    }
-    host_starts_.push_back(static_cast<index_t>(n));
-    if constexpr (!std::is_same_v<B, EigenBackend>) {
+    grouped_ = grouped;
+    if constexpr (!on_host) {
       upload(host_ids_, ids_);
-      upload(host_pos_, pos_);
-      upload(host_targets_, targets_);
-      upload(host_starts_, starts_);
+      if (grouped) group();
     }
   }
+  bool grouped() const { return grouped_; }
   index_t size() const { return static_cast<index_t>(host_ids_.size()); }
   index_t distinct() const { return static_cast<index_t>(host_targets_.size()); }
   std::span<const index_t> host() const { return host_ids_; }
@@ -161,8 +151,31 @@ class IndexList {
       return h.empty() ? nullptr : B::data(d);
     }
   }
-  std::vector<index_t> host_ids_, host_pos_, host_targets_, host_starts_;
-  device_vector ids_, pos_, targets_, starts_;  // unused on the Eigen backend
+  /// A stable sort of the positions by id (ids are arbitrary, not bounded by a
+  /// small table, so a comparison sort rather than a counting sort), then uploaded.
+  void group() {
+    const std::size_t n = host_ids_.size();
+    host_pos_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) host_pos_[i] = static_cast<index_t>(i);
+    std::stable_sort(host_pos_.begin(), host_pos_.end(),
+                     [&](index_t a, index_t b) { return host_ids_[a] < host_ids_[b]; });
+    host_targets_.clear();
+    host_starts_.clear();
+    for (std::size_t k = 0; k < n; ++k) {
+      const index_t id = host_ids_[host_pos_[k]];
+      if (host_targets_.empty() || host_targets_.back() != id) {
+        host_targets_.push_back(id);
+        host_starts_.push_back(static_cast<index_t>(k));
+      }
+    }
+    host_starts_.push_back(static_cast<index_t>(n));
+    upload(host_pos_, pos_);
+    upload(host_targets_, targets_);
+    upload(host_starts_, starts_);
+  }
+  std::vector<index_t> host_ids_, host_pos_, host_targets_, host_starts_;  // pos.. only when grouped
+  device_vector ids_, pos_, targets_, starts_;                              // unused on the Eigen backend
+  bool grouped_ = false;
 };
 
 template <class T, bool RowPerIndex>
@@ -181,23 +194,19 @@ struct gather_rows_fn {
   }
 };
 
-template <class T, bool RowPerIndex>
+/// One element of a grouped scatter: target u's column j gains its terms in
+/// position order.
+template <class T>
 struct scatter_add_rows_fn {
   Strided<const T> src;
   Strided<T> dst;
   const index_t *targets, *starts, *positions;
   T alpha;
-  LORA_HOST_DEVICE void add(index_t u, index_t j) const {
+  LORA_HOST_DEVICE void operator()(index_t q) const {
+    const index_t u = q / dst.cols, j = q % dst.cols;
     T acc = dst(targets[u], j);
     for (index_t k = starts[u]; k < starts[u + 1]; ++k) acc += alpha * src(positions[k], j);
     dst(targets[u], j) = acc;
-  }
-  LORA_HOST_DEVICE void operator()(index_t q) const {
-    if constexpr (RowPerIndex) {
-      for (index_t j = 0; j < dst.cols; ++j) add(q, j);
-    } else {
-      add(q / dst.cols, q % dst.cols);
-    }
   }
 };
 
@@ -208,12 +217,13 @@ struct add_rows_at_fn {
   Strided<const T> src;
   Strided<T> dst;
   const index_t* idx;
+  T alpha;
   LORA_HOST_DEVICE void operator()(index_t q) const {
     if constexpr (RowPerIndex) {
-      for (index_t j = 0; j < src.cols; ++j) dst(idx[q], j) += src(q, j);
+      for (index_t j = 0; j < src.cols; ++j) dst(idx[q], j) += alpha * src(q, j);
     } else {
       const index_t i = q / src.cols, j = q % src.cols;
-      dst(idx[i], j) += src(i, j);
+      dst(idx[i], j) += alpha * src(i, j);
     }
   }
 };
@@ -257,7 +267,7 @@ void add_rows_at(Strided<S> src, const index_t* ids, Strided<T> dst) {
   LORA_ASSERT(dst.cols == src.cols);
   if (src.rows == 0 || src.cols == 0) return;
   constexpr bool per_row = rows_per_index<B>;
-  B::for_each_index(per_row ? src.rows : src.rows * src.cols, add_rows_at_fn<T, per_row>{src, dst, ids});
+  B::for_each_index(per_row ? src.rows : src.rows * src.cols, add_rows_at_fn<T, per_row>{src, dst, ids, T(1)});
 }
 
 /// dst(ids[i], :) += alpha src(i, :) for i < ids.size(); rows named several
@@ -268,10 +278,14 @@ void scatter_add_rows(T alpha, Strided<S> src, const IndexList<B>& ids, Strided<
   static_assert(std::is_same_v<std::remove_const_t<S>, T>, "lora::detail::scatter_add_rows: src and dst scalars differ");
   LORA_ASSERT(src.rows == ids.size() && dst.cols == src.cols);
   if (ids.size() == 0 || dst.cols == 0) return;
-  constexpr bool per_row = rows_per_index<B>;
-  const index_t u = ids.distinct();
-  B::for_each_index(per_row ? u : u * dst.cols,
-                    scatter_add_rows_fn<T, per_row>{src, dst, ids.targets(), ids.starts(), ids.positions(), alpha});
+  if constexpr (rows_per_index<B>) {  // Eigen: one thread, positions in order
+    B::for_each_index(src.rows, add_rows_at_fn<T, true>{src, dst, ids.ids(), alpha});
+  } else {
+    if (!ids.grouped())
+      raise<ValueError>("lora::detail::scatter_add_rows: the ids were assigned without grouping (assign(ids, true))");
+    B::for_each_index(ids.distinct() * dst.cols, scatter_add_rows_fn<T>{src, dst, ids.targets(), ids.starts(),
+                                                                        ids.positions(), alpha});
+  }
 }
 
 }  // namespace lora::detail
