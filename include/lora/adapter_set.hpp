@@ -7,11 +7,13 @@
 // Backends: a host base (Eigen) or a device one (DeviceMatrix<T>, Thrust, with
 // LowRankDelta<T, dynamic, ThrustBackend> adapters; include <lora/thrust.hpp>
 // first, and lora::to_device(layer) moves a host layer over). The id planning
-// (check, counting sort) runs on the host on both; the segments' gathers,
-// products and scatter-adds on the backend. On the Eigen backend segments
-// spread over OpenMP threads; on Thrust they run one after another and the
-// device parallelises inside each. add_weighted / AdapterSet::add_weighted_adapter
-// (combine.hpp's SVD) are host-only: a static_assert says so.
+// (check, counting sort) runs on the host on both. On the Eigen backend the
+// segments' gathers, products and scatter-adds spread over OpenMP threads; on
+// Thrust the gathered forward is two fused kernels whatever the number of
+// adapters (detail/sgmv.hpp: shrink, expand), and the backward runs the
+// segments one after another, the device parallel inside each.
+// add_weighted / AdapterSet::add_weighted_adapter (combine.hpp's SVD) are
+// host-only: a static_assert says so.
 // Hot swap: the active set is an immutable Snapshot held by a shared_ptr slot
 // (detail::adapters::SnapshotSlot); a forward loads it once, so it sees the set
 // before a swap or after it, never a mix, and the adapters it reads stay alive
@@ -28,6 +30,7 @@
 #include "lora.hpp"
 #include "combine.hpp"
 #include "detail/gather.hpp"
+#include "detail/sgmv.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -158,7 +161,7 @@ class GatherWorkspace {
     for (const Lane& l : lanes_)
       n += l.eval.capacity() + l.saved.capacity() + l.rows[0].capacity() + l.rows[1].capacity();
     if constexpr (!std::is_same_v<B, EigenBackend>) n += B::size(order_device_);
-    return n;
+    return n + sgmv_.capacity();
   }
   /// The segments of the last gathered call, in slot order.
   std::span<const Segment> segments() const { return segments_; }
@@ -181,6 +184,7 @@ class GatherWorkspace {
   std::vector<index_t> schedule_;      // segment indices, costliest first
   std::vector<Lane> lanes_;
   typename B::template vector<index_t> order_device_;  // order_ where the kernels read it (not on Eigen)
+  detail::SgmvWorkspace<T, B> sgmv_;                   // the fused forward's table and partial sums (not on Eigen)
   bool parallel_ = false;
 };
 
@@ -433,8 +437,9 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
   /// ids are checked first (ShapeError unless n of them; ValueError naming
   /// the token and the id for one out of range or naming a removed slot; Y is
   /// then untouched); ValueError while merged. The base product runs once for
-  /// the batch; the adapters' terms per segment of tokens (docs/adapters.md,
-  /// "Per-token adapters"). No allocation once `ws` has seen the shape.
+  /// the batch; the adapters' terms per segment of tokens (on a device, two
+  /// fused kernels for all of them; docs/adapters.md, "Per-token adapters").
+  /// No allocation once `ws` has seen the shape.
   template <Matrix X, Matrix Y>
   void forward(const X& x, std::span<const std::int32_t> ids, Y&& y, gather_workspace& ws) const {
     gathered_forward(x, ids, y, ws, true);
@@ -877,22 +882,34 @@ class MultiAdapterLinear : public detail::LinearForwards<MultiAdapterLinear<Base
     plan(where, ids, *bank, ws);
     if (x.rows() == 0) return;
     if (with_base) expr::apply(expr::base_leaf(w_), x, y, T(1), T(0), ws.base_);  // Y = X W^T, the whole batch
-    const index_t* order = kernel_order(ws);
-    run_segments(ws, [&](const Segment& sg, Lane& lane) {
-      const typename Bank::Slot& sl = bank->slots[sg.slot];
-      const auto term = sl.scale * expr::product(sl.delta->B(), sl.delta->A());
-      const index_t m = sg.count, first = ws.order_[sg.begin];
-      if (sg.contiguous) {  // AdaptedLinear::forward's own call on these rows
-        expr::apply(term, backend::middle_rows(x, first, m), backend::middle_rows(y, first, m), T(1), T(1),
-                    lane.eval);
-      } else {
-        auto xg = lane.matrix(0, m, in_features());
-        auto yg = lane.matrix(1, m, out_features());
-        gather_segment(x, order + sg.begin, xg);
-        expr::apply(term, xg, yg, T(1), T(0), lane.eval);  // shrink X_k A_k^T, expand s_k H B_k^T
-        scatter_add_segment(yg, order + sg.begin, y);
+    if constexpr (on_eigen) {
+      const index_t* order = kernel_order(ws);
+      run_segments(ws, [&](const Segment& sg, Lane& lane) {
+        const typename Bank::Slot& sl = bank->slots[sg.slot];
+        const auto term = sl.scale * expr::product(sl.delta->B(), sl.delta->A());
+        const index_t m = sg.count, first = ws.order_[sg.begin];
+        if (sg.contiguous) {  // AdaptedLinear::forward's own call on these rows
+          expr::apply(term, backend::middle_rows(x, first, m), backend::middle_rows(y, first, m), T(1), T(1),
+                      lane.eval);
+        } else {
+          auto xg = lane.matrix(0, m, in_features());
+          auto yg = lane.matrix(1, m, out_features());
+          gather_segment(x, order + sg.begin, xg);
+          expr::apply(term, xg, yg, T(1), T(0), lane.eval);  // shrink X_k A_k^T, expand s_k H B_k^T
+          scatter_add_segment(yg, order + sg.begin, y);
+        }
+      });
+    } else {  // a device: two fused kernels for every adapter present, no gather (detail/sgmv.hpp)
+      auto& fused = ws.sgmv_;
+      fused.reset(x.rows());
+      for (const Segment& sg : ws.segments_) {
+        const typename Bank::Slot& sl = bank->slots[sg.slot];
+        fused.add(detail::strided(sl.delta->A()), detail::strided(sl.delta->B()), sl.scale,
+                  std::span<const index_t>(ws.order_).subspan(static_cast<std::size_t>(sg.begin),
+                                                              static_cast<std::size_t>(sg.count)));
       }
-    });
+      fused.run(detail::strided(x), detail::strided(y));  // Y += s_k (X[t] A_k^T) B_k^T per token
+    }
     if (with_base && has_bias()) BackendOps<backend>::add_to_rows(T(1), bias_, y);
   }
 

@@ -349,6 +349,22 @@ struct ThrustBackend {
   static void from_host(const H& host, M&& m) {
     using S = scalar_of_t<M>;
     using HT = std::remove_cvref_t<H>;
+    // A host vector of S (the per-call id and table uploads of the gathered
+    // layers): copied straight from its memory, no host temporary per call.
+    if constexpr ((HT::RowsAtCompileTime == 1 || HT::ColsAtCompileTime == 1) && std::is_same_v<typename HT::Scalar, S> &&
+                  (int(HT::Flags) & Eigen::DirectAccessBit) != 0) {
+      if (host.innerStride() == 1) {
+        resize(m, host.rows(), host.cols());
+        const auto mv = view(m);
+        if (mv.size() == 0) return;
+        if (mv.contiguous()) {
+          detail::device_call("thrust::copy_n (host to device)", [&] {
+            thrust::copy_n(host.data(), host.size(), thrust::device_pointer_cast(mv.data()));
+          });
+          return;
+        }
+      }
+    }
     // Evaluates expressions (casts, products); the source's static extents are
     // kept (a dynamic copy of a fixed 2x3 made GCC 12 warn about Eigen's packet loop).
     const RowMatrix<S, HT::RowsAtCompileTime, HT::ColsAtCompileTime> h = host;
