@@ -195,10 +195,11 @@ class AdaptedLinear : public detail::LinearForwards<AdaptedLinear<Base, Delta>> 
                   "lora::AdaptedLinear: merge()/unmerge()/safe_merge() need a lora::MergeableAdapter (one whose "
                   "expression(s) can be added into W); keep this adapter unmerged");
     static_assert(base_is_writable || !base_is_quantized,
-                  "lora::AdaptedLinear: merge()/unmerge()/safe_merge() cannot add into a compressed (NF4) "
-                  "base in place; use lora::merged_weight(layer) for a dense merged W, or "
+                  "lora::AdaptedLinear: merge()/unmerge()/safe_merge() cannot add into a compressed (NF4), "
+                  "16-bit or packed base in place; use lora::merged_weight(layer) for a dense merged W, or "
                   "lora::merge_to_nf4(layer) to requantise W + s*B*A with an error report (a 16-bit "
-                  "bf16 / fp16 base: lora::merge_rounded(layer) rounds once and reports the error)");
+                  "bf16 / fp16 base: lora::merge_rounded(layer) rounds once and reports the error; a "
+                  "lora::PackedMatrix base: lora::PackedMatrix(lora::merged_weight(layer)) packs the merged W)");
     static_assert(base_is_writable || base_is_quantized,
                   "lora::AdaptedLinear: merge()/unmerge()/safe_merge() write W, but the base weight is "
                   "read-only (e.g. Eigen::Map<const RowMatrix<T>>); wrap the buffer in a writable "

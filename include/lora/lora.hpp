@@ -21,6 +21,7 @@
 #include "low_rank_delta.hpp"
 #include "adapted_linear.hpp"
 #include "backend/eigen/nf4.hpp"
+#include "backend/eigen/packed.hpp"
 #include "backend/eigen/half.hpp"
 #include "merge.hpp"
 #include "init.hpp"

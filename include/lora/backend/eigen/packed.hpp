@@ -1,0 +1,433 @@
+// backend/eigen/packed.hpp: PackedMatrix, a frozen fp32 base weight stored once
+// in the layout of this backend's own GEMM micro-kernel, and its
+// quantized_traits, so it is a base weight of AdaptedLinear like an NF4 one:
+//
+//   lora::AdaptedLinear layer{lora::PackedMatrix(W), lora::LowRankDelta<float, 8>(out, in)};
+//
+// Why: from ~128 tokens on the base products are SGEMMs, and Eigen's GEMM packs
+// W into its kernel's layout again on every call (64 MiB read and written per
+// call at 4096^2) and then runs at ~85 % of MKL's speed on this machine kind.
+// A frozen W never changes, so it is packed once here (the layer owns only the
+// packed copy: no duplicate of W) and the forward (Y = X W^T) and the
+// backward's dX = G W both read it through register-blocked outer-product
+// kernels. The figures are in docs/benchmarks.md (issue 17); the packed base is
+// opt-in, a plain matrix base keeps the skinny kernels and Eigen's GEMM.
+//
+// Layout: panels of 32 rows of W (32 outputs); panel p holds, for each input
+// column k in turn, the 32 values W[32 p + j, k] (j = 0..31) contiguously, the
+// last panel zero-padded. Forward: 32 outputs x MR tokens of accumulators; per
+// input column two vector loads from the panel and MR broadcasts of X (packed
+// per call, [n x 256] at a time). Backward: the same kernel with the roles
+// turned: 32 tokens (G^T, packed per call) x MR input columns, the broadcasts
+// from the panel (P[p][i][j] over the 32 outputs j of a panel).
+//
+// Like NF4Matrix it is frozen: merge() into it is refused at compile time;
+// merged_weight() / to_dense() return a dense W.
+#pragma once
+
+#ifndef LORA_UMBRELLA_INCLUDED
+#error "Include <lora/lora.hpp> instead of lora/backend/eigen/packed.hpp."
+#endif
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "../../error.hpp"
+#include "backend.hpp"
+#include "products.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lora {
+
+/// A frozen fp32 weight W [out, in] packed once for the CPU GEMM kernels
+/// (see the file comment). Owns its storage; copyable and movable.
+class PackedMatrix {
+ public:
+  using Scalar = float;
+  using dense_matrix = RowMatrix<float>;
+  /// Rows of W (outputs) per panel.
+  static constexpr index_t panel_rows = 32;
+
+  PackedMatrix() = default;
+
+  /// Packs W [out, in] (any fp32 Eigen matrix or expression; a row-major
+  /// matrix or Map is read in place).
+  template <class Derived>
+  explicit PackedMatrix(const Eigen::MatrixBase<Derived>& w)
+      : rows_(w.rows()), cols_(w.cols()), data_(static_cast<std::size_t>(panels() * panel_rows * w.cols())) {
+    static_assert(std::is_same_v<typename Derived::Scalar, float>,
+                  "lora::PackedMatrix: W must be fp32 (the packed kernels are single precision); use "
+                  "W.template cast<float>() or keep a plain matrix base");
+    const Eigen::Ref<const dense_matrix, 0, Eigen::OuterStride<>> src(w.derived());
+    const index_t count = panels();
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (count > 1 && !omp_in_parallel())
+#endif
+    for (index_t p = 0; p < count; ++p) {
+      const index_t r = std::min(panel_rows, rows_ - p * panel_rows);
+      Eigen::Map<dense_matrix> dst(data_.data() + p * panel_rows * cols_, cols_, panel_rows);  // (in, 32)
+      dst.leftCols(r) = src.middleRows(p * panel_rows, r).transpose();
+      if (r < panel_rows) dst.rightCols(panel_rows - r).setZero();
+    }
+  }
+
+  index_t rows() const { return rows_; }
+  index_t cols() const { return cols_; }
+  index_t size() const { return rows_ * cols_; }
+  /// Panels of 32 rows (the last one padded with zeros).
+  index_t panels() const { return (rows_ + panel_rows - 1) / panel_rows; }
+  /// Panel p: cols() groups of 32 floats, W[32 p + j, k] at [k * 32 + j].
+  const float* panel(index_t p) const { return data_.data() + p * panel_rows * cols_; }
+  /// Element (r, c) of W (slow: for tests and spot checks).
+  float operator()(index_t r, index_t c) const { return panel(r / panel_rows)[c * panel_rows + r % panel_rows]; }
+
+  /// The dense W [out, in] (PyTorch layout).
+  dense_matrix to_dense() const {
+    dense_matrix w(rows_, cols_);
+    for (index_t p = 0; p < panels(); ++p) {
+      const index_t r = std::min(panel_rows, rows_ - p * panel_rows);
+      w.middleRows(p * panel_rows, r) =
+          Eigen::Map<const dense_matrix>(panel(p), cols_, panel_rows).leftCols(r).transpose();
+    }
+    return w;
+  }
+
+  /// Bytes held, padding included (memory accounting).
+  std::size_t storage_bytes() const { return data_.size() * sizeof(float); }
+
+ private:
+  index_t rows_ = 0, cols_ = 0;
+  std::vector<float, Eigen::aligned_allocator<float>> data_;
+};
+
+namespace detail::packed {
+
+using S = skinny::simd<float>;
+using V = S::type;
+inline constexpr index_t panel = PackedMatrix::panel_rows;
+/// Vectors per panel row of 32 floats (2 with AVX-512).
+inline constexpr int vecs = int(panel) / S::width;
+/// Tokens (forward) or input columns (backward) per tile: 3/4 of the vector
+/// registers hold accumulators (AVX-512: 12 x 2 of 32; AVX2: 3 x 4 of 16).
+inline constexpr int tile_rows = std::max(1, (skinny::simd_bytes == 64 ? 24 : 12) / vecs);
+/// Depth per block: a tile's broadcast operand (tile_rows x 256 floats, 12 KiB)
+/// stays in L1 while a block of panels (16 x 256 x 32 floats, 512 KiB) stays in L2.
+inline constexpr index_t depth_block = 256;
+inline constexpr index_t panel_block = 16;
+
+/// acc + s * w with a fused multiply-add: the vector extensions' a * b + c is
+/// contracted only under -ffp-contract=fast, which ISO -std=c++20 turns off.
+LORA_FORCE_INLINE V fma(float s, V w, V acc) {
+#if defined(__AVX512F__)  // V is 64 bytes (skinny::simd_bytes)
+  return V(_mm512_fmadd_ps(_mm512_set1_ps(s), __m512(w), __m512(acc)));
+#elif defined(__AVX__) && defined(__FMA__)  // V is 32 bytes
+  return V(_mm256_fmadd_ps(_mm256_set1_ps(s), __m256(w), __m256(acc)));
+#else
+  return acc + s * w;
+#endif
+}
+
+/// One step q of tile(): acc[t][:] += b(t, q) * v(q).
+template <int M>
+LORA_FORCE_INLINE void step(V (&acc)[M][vecs], const float* __restrict b, index_t bs, index_t bt,
+                            const float* __restrict v, index_t q) {
+  V w[vecs];
+  for (int u = 0; u < vecs; ++u) w[u] = S::load(v + q * panel + u * S::width);
+  for (int t = 0; t < M; ++t) {
+    const float s = b[q * bs + t * bt];
+    for (int u = 0; u < vecs; ++u) acc[t][u] = fma(s, w[u], acc[t][u]);
+  }
+}
+
+/// out[t][:] = sum over `segments` runs of `depth` steps q of b(t, q) * v(q),
+/// v(q) = 32 contiguous floats at v + q * 32 (runs follow one another in v),
+/// b(t, q) = b[q * bs + t * bt] (broadcast), b advancing by b_next per run.
+/// The accumulators are this function's locals, written out once at fixed
+/// indices: held across calls or indexed at run time, GCC kept them in memory
+/// and stored all 24 on every step (half speed). One or two rows (a token or
+/// two) take 4 or 2 independent chains: with 2 or 4 accumulators the FMA's
+/// latency, not its throughput, would bound the stream of W.
+template <int M>
+LORA_FORCE_INLINE void tile(const float* __restrict b, index_t bs, index_t bt, index_t b_next,
+                            const float* __restrict v, index_t depth, index_t segments, float (&out)[M][panel]) {
+  constexpr int C = M == 1 ? 4 : M == 2 ? 2 : 1;
+  V acc[C][M][vecs] = {};
+  for (index_t sg = 0; sg < segments; ++sg, b += b_next, v += depth * panel) {
+    index_t q = 0;
+    for (; q + C <= depth; q += C)
+      for (int c = 0; c < C; ++c) step<M>(acc[c], b, bs, bt, v, q + c);
+    for (; q < depth; ++q) step<M>(acc[0], b, bs, bt, v, q);
+  }
+  for (int c = 1; c < C; ++c)
+    for (int t = 0; t < M; ++t)
+      for (int u = 0; u < vecs; ++u) acc[0][t][u] += acc[c][t][u];
+  for (int t = 0; t < M; ++t)
+    for (int u = 0; u < vecs; ++u) std::memcpy(out[t] + u * S::width, &acc[0][t][u], sizeof(V));
+}
+
+/// f.template operator()<M>(offset, M) over [0, count) in tiles of tile_rows,
+/// the rest in tiles of 8, 4, 2, 1 (no padding work for a few tokens).
+template <class F>
+LORA_FORCE_INLINE void for_tiles(index_t count, F&& f) {
+  index_t i = 0;
+  for (; i + tile_rows <= count; i += tile_rows) f.template operator()<tile_rows>(i);
+  if constexpr (tile_rows > 8)
+    if (i + 8 <= count) f.template operator()<8>(i), i += 8;
+  if constexpr (tile_rows > 4)
+    if (i + 4 <= count) f.template operator()<4>(i), i += 4;
+  if constexpr (tile_rows > 2)
+    if (i + 2 <= count) f.template operator()<2>(i), i += 2;
+  if constexpr (tile_rows > 1)
+    if (i + 1 <= count) f.template operator()<1>(i), i += 1;
+}
+
+inline float* scratch(std::vector<float, Eigen::aligned_allocator<float>>& buf, index_t n) {
+  if (buf.size() < static_cast<std::size_t>(n)) buf.resize(static_cast<std::size_t>(n));
+  return buf.data();
+}
+
+/// [begin, end) of `count` items in `unit`-aligned shares, share `t` of `nt`.
+inline void share(index_t count, index_t unit, int t, int nt, index_t& begin, index_t& end) {
+  const index_t units = (count + unit - 1) / unit;
+  begin = std::min(count, units * t / nt * unit);
+  end = std::min(count, units * (t + 1) / nt * unit);
+}
+
+/// Runs f(thread, threads) on every OpenMP thread when the work is worth a
+/// parallel region and none is running; else f(0, 1). f splits its loops by
+/// (thread, threads) itself and waits with sync(threads): an orphaned `omp
+/// for` or barrier would bind to a caller's parallel region (the
+/// multi-adapter layer runs products from its threads) and split or block
+/// work that is not shared.
+template <class F>
+void parallel(double flops, F&& f) {
+#ifdef _OPENMP
+  if (flops >= 1e6 && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+    f(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  (void)flops;
+  f(0, 1);
+}
+
+/// The barrier of parallel()'s region; nothing on one thread.
+inline void sync(int threads) {
+  if (threads > 1) {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+  }
+}
+
+inline void scale_rows(float beta, float* y, index_t ldy, index_t rows, index_t cols) {
+  for (index_t t = 0; t < rows; ++t)
+    for (index_t c = 0; c < cols; ++c) y[t * ldy + c] = beta == 0.0f ? 0.0f : beta * y[t * ldy + c];
+}
+
+/// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T; X [n, in] and Y row-major
+/// with unit column stride.
+inline void gemm_nt(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* x, index_t ldx,
+                    index_t n, float beta, float* y, index_t ldy) {
+  const index_t k = w.cols();
+  if (n == 0 || nr == 0) return;
+  if (k == 0) return scale_rows(beta, y, ldy, n, nr);
+  const index_t p_first = r0 / panel, p_last = (r0 + nr + panel - 1) / panel, r1 = r0 + nr;
+  const index_t tiles = (n + tile_rows - 1) / tile_rows;
+  // One tile of tokens: no depth blocks, so each panel streams from memory in
+  // one run (X, at most 12 x in floats, stays in L2 anyway).
+  const index_t block = tiles == 1 ? k : depth_block;
+  thread_local std::vector<float, Eigen::aligned_allocator<float>> xbuf;
+  float* xp = scratch(xbuf, tiles * tile_rows * k);  // X as [tile][q][tile_rows], zero rows past n
+
+  parallel(2.0 * double(n) * double(nr) * double(k), [&](int th, int nt) {
+    index_t ta, tb;
+    share(tiles, 1, th, nt, ta, tb);
+    for (index_t tt = ta; tt < tb; ++tt)
+      for (index_t t = 0; t < tile_rows; ++t) {
+        const index_t row = tt * tile_rows + t;
+        float* dst = xp + tt * tile_rows * k + t;
+        if (row < n) {
+          const float* src = x + row * ldx;
+          for (index_t q = 0; q < k; ++q) dst[q * tile_rows] = src[q];
+        } else {
+          for (index_t q = 0; q < k; ++q) dst[q * tile_rows] = 0.0f;
+        }
+      }
+    sync(nt);  // X is packed; from here on the threads never wait
+    index_t pa, pb;
+    share(p_last - p_first, 1, th, nt, pa, pb);
+    pa += p_first;
+    pb += p_first;
+    for (index_t k0 = 0; k0 < k; k0 += block) {
+      const index_t kc = std::min(block, k - k0);
+      const bool first = k0 == 0;
+      for (index_t p0 = pa; p0 < pb; p0 += panel_block) {
+        const index_t p1 = std::min(pb, p0 + panel_block);
+        for (index_t tt = 0; tt < tiles; ++tt) {
+          const index_t rows = std::min<index_t>(tile_rows, n - tt * tile_rows);
+          const float* xt = xp + tt * tile_rows * k + k0 * tile_rows;
+          for (index_t p = p0; p < p1; ++p) {
+            const float* wp = w.panel(p) + k0 * panel;
+            const index_t o0 = p * panel, lo = std::max(r0, o0), hi = std::min(r1, o0 + panel);
+            for_tiles(rows, [&]<int M>(index_t off) {
+              float out[M][panel];
+              tile<M>(xt + off, tile_rows, 1, 0, wp, kc, 1, out);
+              for (int t = 0; t < M; ++t) {
+                float* yr = y + (tt * tile_rows + off + t) * ldy - r0;  // yr[o]: output o
+                if (lo == o0 && hi == o0 + panel) {  // a whole panel: vector updates
+                  for (int u = 0; u < vecs; ++u) {
+                    float* dst = yr + o0 + u * S::width;
+                    const V prev = first ? (beta == 0.0f ? V{} : beta * S::load(dst)) : S::load(dst);
+                    const V sum = prev + alpha * S::load(out[t] + u * S::width);
+                    std::memcpy(dst, &sum, sizeof sum);
+                  }
+                } else {
+                  for (index_t o = lo; o < hi; ++o) {
+                    const float prev = first ? (beta == 0.0f ? 0.0f : beta * yr[o]) : yr[o];
+                    yr[o] = prev + alpha * out[t][o - o0];
+                  }
+                }
+              }
+            });
+          }
+        }
+      }
+    }
+  });
+}
+
+/// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr]; G [n, nr] and dX row-major
+/// with unit column stride.
+inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* g, index_t ldg,
+                    index_t n, float beta, float* dx, index_t lddx) {
+  const index_t k = w.cols();
+  if (n == 0 || k == 0) return;
+  if (nr == 0) return scale_rows(beta, dx, lddx, n, k);
+  const index_t p_first = r0 / panel, p_last = (r0 + nr + panel - 1) / panel, r1 = r0 + nr;
+  constexpr index_t block_panels = depth_block / panel;
+  const index_t tps = (n + panel - 1) / panel;  // panels of 32 tokens
+  const index_t ob_max = std::min(block_panels, p_last - p_first);
+  thread_local std::vector<float, Eigen::aligned_allocator<float>> gbuf, dbuf;
+  float* gt = scratch(gbuf, tps * ob_max * panel * panel);  // G^T block: [token panel][o][32 tokens]
+  float* dt = scratch(dbuf, tps * k * panel);               // dX^T: [token panel][i][32 tokens]
+
+  parallel(2.0 * double(n) * double(nr) * double(k), [&](int th, int nt) {
+    index_t ia, ib;
+    share(k, tile_rows, th, nt, ia, ib);
+    for (index_t pb0 = p_first; pb0 < p_last; pb0 += block_panels) {
+      const index_t pb1 = std::min(p_last, pb0 + block_panels), depth = (pb1 - pb0) * panel;
+      const bool first = pb0 == p_first;
+      index_t ta, tb;
+      share(tps, 1, th, nt, ta, tb);
+      for (index_t tp = ta; tp < tb; ++tp)
+        for (index_t t = 0; t < panel; ++t) {
+          const index_t tok = tp * panel + t;
+          float* dst = gt + tp * depth * panel + t;
+          const index_t o0 = pb0 * panel;
+          for (index_t q = 0; q < depth; ++q) {
+            const index_t o = o0 + q;
+            dst[q * panel] = tok < n && o >= r0 && o < r1 ? g[tok * ldg + (o - r0)] : 0.0f;
+          }
+        }
+      sync(nt);  // G^T's block is complete
+      for_tiles(ib - ia, [&]<int M>(index_t off) {
+        const index_t i = ia + off;
+        for (index_t tp = 0; tp < tps; ++tp) {
+          float out[M][panel];  // the block's panels in turn: b(t, j) = P[p][i + t][j]
+          tile<M>(w.panel(pb0) + i * panel, 1, panel, k * panel, gt + tp * depth * panel, panel, pb1 - pb0, out);
+          for (int t = 0; t < M; ++t)
+            for (int u = 0; u < vecs; ++u) {
+              float* dst = dt + (tp * k + i + t) * panel + u * S::width;
+              const V sum = first ? S::load(out[t] + u * S::width) : S::load(dst) + S::load(out[t] + u * S::width);
+              std::memcpy(dst, &sum, sizeof sum);
+            }
+        }
+      });
+      sync(nt);  // before the next block of G^T is packed
+    }
+    for (index_t tok = 0; tok < n; ++tok) {  // dX (tok, i) from dX^T, this thread's columns
+      float* d = dx + tok * lddx;
+      const float* src = dt + (tok / panel) * k * panel + tok % panel;
+      for (index_t i = ia; i < ib; ++i) d[i] = (beta == 0.0f ? 0.0f : beta * d[i]) + alpha * src[i * panel];
+    }
+  });
+}
+
+/// D [nr, in] = beta D + alpha W[r0 : r0 + nr] (row-major D with unit column stride).
+inline void assign(const PackedMatrix& w, index_t r0, index_t nr, float alpha, float beta, float* d, index_t ldd) {
+  for (index_t r = 0; r < nr; ++r) {
+    const index_t o = r0 + r;
+    const float* src = w.panel(o / panel) + o % panel;
+    float* dst = d + r * ldd;
+    for (index_t c = 0; c < w.cols(); ++c)
+      dst[c] = (beta == 0.0f ? 0.0f : beta * dst[c]) + alpha * src[c * panel];
+  }
+}
+
+/// f(view) with a row-major, unit-column-stride view of m: m itself where it
+/// has that layout, else a row-major copy (written back when `write`).
+template <class M, class F>
+void with_view(M& m, bool write, F&& f) {
+  using Plain = std::remove_cvref_t<M>;
+  if constexpr (eigen::viewable_v<Plain, float>) {
+    if (eigen::fits_view(m)) {
+      f(m.data(), eigen::row_stride(m));
+      return;
+    }
+  }
+  RowMatrix<float> tmp = m;
+  f(tmp.data(), tmp.cols() > 0 ? tmp.cols() : index_t(1));
+  if constexpr (!std::is_const_v<std::remove_reference_t<M>>)
+    if (write) m = tmp;
+}
+
+}  // namespace detail::packed
+
+template <>
+struct quantized_traits<PackedMatrix> {
+  static constexpr bool known = true;
+  using scalar = float;
+  using backend = EigenBackend;
+  static constexpr int rows = dynamic;
+  static constexpr int cols = dynamic;
+
+  /// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T.
+  template <class X, class Y>
+  static void gemm_nt(const PackedMatrix& q, index_t r0, index_t nr, float alpha, const X& x, float beta, Y& y) {
+    detail::packed::with_view(x, false, [&](const float* xd, index_t ldx) {
+      detail::packed::with_view(y, true, [&](float* yd, index_t ldy) {
+        detail::packed::gemm_nt(q, r0, nr, alpha, xd, ldx, x.rows(), beta, yd, ldy);
+      });
+    });
+  }
+  /// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr], G [n, nr].
+  template <class G, class DX>
+  static void gemm_nn(const PackedMatrix& q, index_t r0, index_t nr, float alpha, const G& g, float beta, DX& dx) {
+    detail::packed::with_view(g, false, [&](const float* gd, index_t ldg) {
+      detail::packed::with_view(dx, true, [&](float* dd, index_t ldd) {
+        detail::packed::gemm_nn(q, r0, nr, alpha, gd, ldg, g.rows(), beta, dd, ldd);
+      });
+    });
+  }
+  /// D [nr, in] = beta D + alpha W[r0 : r0 + nr].
+  template <class D>
+  static void assign(const PackedMatrix& q, index_t r0, index_t nr, float alpha, float beta, D& dst) {
+    detail::packed::with_view(dst, true, [&](float* d, index_t ldd) { detail::packed::assign(q, r0, nr, alpha, beta, d, ldd); });
+  }
+  static double storage_bytes(const PackedMatrix& q) { return double(q.storage_bytes()); }
+};
+
+}  // namespace lora

@@ -1,0 +1,196 @@
+// PackedMatrix: a frozen fp32 base packed once for the CPU GEMM kernels
+// (backend/eigen/packed.hpp). The products are checked against long-double
+// loops over the dense W; the layer against the same layer over the dense W.
+#include <lora/lora.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "support.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using lora::index_t;
+using lora::PackedMatrix;
+using lora::RowMatrix;
+using Traits = lora::quantized_traits<PackedMatrix>;
+namespace train = lora::train;
+
+/// beta Y0 + alpha X W[r0 : r0 + nr]^T in long double.
+RowMatrix<long double> ref_nt(const RowMatrix<float>& w, index_t r0, index_t nr, float alpha,
+                              const RowMatrix<float>& x, float beta, const RowMatrix<float>& y0) {
+  RowMatrix<long double> y(x.rows(), nr);
+  for (index_t t = 0; t < x.rows(); ++t)
+    for (index_t o = 0; o < nr; ++o) {
+      long double s = 0;
+      for (index_t c = 0; c < w.cols(); ++c) s += (long double)x(t, c) * w(r0 + o, c);
+      y(t, o) = (beta == 0.0f ? 0.0L : (long double)beta * y0(t, o)) + (long double)alpha * s;
+    }
+  return y;
+}
+
+/// beta D0 + alpha G W[r0 : r0 + nr] in long double.
+RowMatrix<long double> ref_nn(const RowMatrix<float>& w, index_t r0, index_t nr, float alpha,
+                              const RowMatrix<float>& g, float beta, const RowMatrix<float>& d0) {
+  RowMatrix<long double> d(g.rows(), w.cols());
+  for (index_t t = 0; t < g.rows(); ++t)
+    for (index_t c = 0; c < w.cols(); ++c) {
+      long double s = 0;
+      for (index_t o = 0; o < nr; ++o) s += (long double)g(t, o) * w(r0 + o, c);
+      d(t, c) = (beta == 0.0f ? 0.0L : (long double)beta * d0(t, c)) + (long double)alpha * s;
+    }
+  return d;
+}
+
+/// fp32 sums of `depth` products of values in [-1, 1): relative error well
+/// under depth * eps; a wrong index or a lost tile gives O(1).
+double bound(index_t depth) { return 4.0 * double(std::max<index_t>(depth, 1)) * 6e-8 + 1e-7; }
+
+}  // namespace
+
+TEST_CASE("PackedMatrix packs W into panels of 32 rows and unpacks it exactly", "[packed]") {
+  for (const auto& [out, in] : {std::pair<index_t, index_t>{1, 1}, {31, 5}, {32, 7}, {33, 300}, {70, 64}}) {
+    RowMatrix<float> W(out, in);
+    support::fill(W, 1);
+    const PackedMatrix P(W);
+    CHECK(P.rows() == out);
+    CHECK(P.cols() == in);
+    CHECK(P.panels() == (out + 31) / 32);
+    CHECK(P.storage_bytes() == std::size_t(P.panels() * 32 * in) * sizeof(float));
+    CHECK(P.to_dense() == W);
+    CHECK(P(out - 1, in - 1) == W(out - 1, in - 1));
+    // The layout the kernels read: W[32 p + j, k] at panel(p)[k * 32 + j], padding zero.
+    CHECK(P.panel(0)[(in - 1) * 32 + std::min<index_t>(out, 32) - 1] == W(std::min<index_t>(out, 32) - 1, in - 1));
+    if (out % 32 != 0) CHECK(P.panel(P.panels() - 1)[31] == 0.0f);
+  }
+  // A column-major source and an expression pack the same.
+  Eigen::MatrixXf Wc(40, 9);
+  support::fill(Wc, 2);
+  CHECK(PackedMatrix(Wc).to_dense() == RowMatrix<float>(Wc));
+  CHECK(PackedMatrix(2.0f * Wc).to_dense() == RowMatrix<float>(2.0f * Wc));
+}
+
+TEST_CASE("Packed products equal long-double loops for every tail of tokens, panels and depth", "[packed]") {
+  // Depths across the 256-deep blocks; token counts across the 12-token tiles
+  // and their 8/4/2/1 tails; outputs across 32-row panels; alpha and beta.
+  for (const index_t in : {index_t(1), index_t(7), index_t(259), index_t(600)})
+    for (const index_t out : {index_t(1), index_t(31), index_t(33), index_t(70)})
+      for (const index_t n : {index_t(0), index_t(1), index_t(2), index_t(5), index_t(13), index_t(31), index_t(40)}) {
+        CAPTURE(n, out, in);
+        RowMatrix<float> W(out, in), X(n, in), G(n, out), Y(n, out), D(n, in);
+        support::fill(W, 3);
+        support::fill(X, 4);
+        support::fill(G, 5);
+        support::fill(Y, 6);
+        support::fill(D, 7);
+        const PackedMatrix P(W);
+        const RowMatrix<float> Y0 = Y, D0 = D;
+        Traits::gemm_nt(P, 0, out, 0.5f, X, 2.0f, Y);
+        Traits::gemm_nn(P, 0, out, 0.5f, G, 2.0f, D);
+        if (n == 0) continue;
+        CHECK(support::rel_err(Y, ref_nt(W, 0, out, 0.5f, X, 2.0f, Y0)) <= bound(in));
+        CHECK(support::rel_err(D, ref_nn(W, 0, out, 0.5f, G, 2.0f, D0)) <= bound(out));
+      }
+}
+
+TEST_CASE("Packed products over a slice of W's rows (MergedLinear's q/k/v) and beta = 0", "[packed]") {
+  const index_t out = 100, in = 300, n = 17;
+  RowMatrix<float> W(out, in), X(n, in);
+  support::fill(W, 8);
+  support::fill(X, 9);
+  const PackedMatrix P(W);
+  for (const auto& [r0, nr] : {std::pair<index_t, index_t>{0, 32}, {5, 20}, {30, 40}, {64, 36}, {99, 1}}) {
+    CAPTURE(r0, nr);
+    RowMatrix<float> G(n, nr);
+    support::fill(G, 10);
+    // beta = 0 overwrites: NaN in the destination must not leak through.
+    RowMatrix<float> Y = RowMatrix<float>::Constant(n, nr, std::numeric_limits<float>::quiet_NaN());
+    RowMatrix<float> D = RowMatrix<float>::Constant(n, in, std::numeric_limits<float>::quiet_NaN());
+    Traits::gemm_nt(P, r0, nr, 1.0f, X, 0.0f, Y);
+    Traits::gemm_nn(P, r0, nr, 1.0f, G, 0.0f, D);
+    CHECK(support::rel_err(Y, ref_nt(W, r0, nr, 1.0f, X, 0.0f, Y)) <= bound(in));
+    CHECK(support::rel_err(D, ref_nn(W, r0, nr, 1.0f, G, 0.0f, D)) <= bound(nr));
+    RowMatrix<float> rows(nr, in);
+    Traits::assign(P, r0, nr, 1.0f, 0.0f, rows);
+    CHECK(rows == W.middleRows(r0, nr));
+  }
+}
+
+TEST_CASE("Packed products take strided and column-major operands, and run inside a parallel region",
+          "[packed]") {
+  const index_t out = 70, in = 300, n = 40;  // above the threshold of the threaded path
+  RowMatrix<float> W(out, in), Xbig(n, in + 5), Ybig(n, out + 3);
+  support::fill(W, 11);
+  support::fill(Xbig, 12);
+  Ybig.setZero();
+  const PackedMatrix P(W);
+  const auto X = Xbig.leftCols(in);     // a row stride larger than its width
+  auto Y = Ybig.rightCols(out);         // likewise, written in place
+  Traits::gemm_nt(P, 0, out, 1.0f, X, 0.0f, Y);
+  const RowMatrix<float> Xd = X;
+  CHECK(support::rel_err(Y, ref_nt(W, 0, out, 1.0f, Xd, 0.0f, RowMatrix<float>(Y))) <= bound(in));
+  CHECK(Ybig.leftCols(3).isZero());
+
+  Eigen::MatrixXf Gc(n, out), Dc(n, in);  // column-major: through a row-major copy
+  support::fill(Gc, 13);
+  Traits::gemm_nn(P, 0, out, 1.0f, Gc, 0.0f, Dc);
+  CHECK(support::rel_err(Dc, ref_nn(W, 0, out, 1.0f, RowMatrix<float>(Gc), 0.0f, RowMatrix<float>(Dc))) <=
+        bound(out));
+
+  // Inside a parallel region each call runs on its own thread with its own
+  // scratch (the multi-adapter layer calls products from its threads).
+  std::vector<RowMatrix<float>> outs(4, RowMatrix<float>(n, out));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(2)
+#endif
+  for (int i = 0; i < 4; ++i) Traits::gemm_nt(P, 0, out, float(i + 1), Xd, 0.0f, outs[std::size_t(i)]);
+  for (int i = 0; i < 4; ++i)
+    CHECK(support::rel_err(outs[std::size_t(i)], ref_nt(W, 0, out, float(i + 1), Xd, 0.0f, outs[0])) <= bound(in));
+}
+
+TEST_CASE("AdaptedLinear over a PackedMatrix equals the layer over the dense W: forward, backward, merged W",
+          "[packed]") {
+  const index_t out = 70, in = 300, r = 4;
+  RowMatrix<float> W(out, in), bias(1, out);
+  support::fill(W, 14, -0.1, 0.1);
+  lora::LowRankDelta<float, lora::dynamic> delta(out, in, r, {.alpha = 8.0});
+  support::fill(delta.A(), 15);
+  support::fill(delta.B(), 16);
+  lora::AdaptedLinear packed{PackedMatrix(W), delta};
+  lora::AdaptedLinear dense{W, delta};
+  static_assert(!decltype(packed)::base_is_writable, "a packed base is frozen");
+
+  for (const index_t n : {index_t(1), index_t(12), index_t(45)}) {
+    CAPTURE(n);
+    RowMatrix<float> X(n, in), G(n, out), Yp(n, out), Yd(n, out), dXp(n, in), dXd(n, in);
+    support::fill(X, 17);
+    support::fill(G, 18);
+    packed.forward(X, Yp);
+    dense.forward(X, Yd);
+    CHECK(support::rel_err(Yp, Yd) <= bound(in));
+
+    train::Tape<decltype(packed)> tp;
+    train::Tape<decltype(dense)> td;
+    train::Gradients<decltype(packed)> gp(packed, false);
+    train::Gradients<decltype(dense)> gd(dense, false);
+    train::forward(packed, X, Yp, tp);
+    train::forward(dense, X, Yd, td);
+    train::backward(packed, X, G, tp, gp, dXp);
+    train::backward(dense, X, G, td, gd, dXd);
+    CHECK(support::rel_err(dXp, dXd) <= bound(out));
+    CHECK(support::rel_err(gp.dA(), gd.dA()) <= bound(n * out));
+    CHECK(support::rel_err(gp.dB(), gd.dB()) <= bound(n * in));
+  }
+  const RowMatrix<float> merged = lora::merged_weight(packed);
+  CHECK(support::rel_err(merged, lora::merged_weight(dense)) <= 1e-6);
+  // Memory accounting counts the packed bytes: 96 rows (3 panels) of 300, not 70.
+  CHECK(train::memory_usage(packed).frozen_bytes == 96.0 * 300 * 4);
+  CHECK(train::memory_usage(dense).frozen_bytes == 70.0 * 300 * 4);
+}
