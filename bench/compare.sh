@@ -63,7 +63,7 @@ export OMP_NUM_THREADS=$threads
 cat "$out/env.txt"
 
 gb() { "$@" --benchmark_format=json --benchmark_min_time=0.2 2> /dev/null; }
-fwd_filter='BM_forward_(un)?merged|BM_forward_pair|BM_merge_unmerge'
+fwd_filter='BM_forward_(un)?merged|BM_forward_pair|BM_forward_packed|BM_merge_unmerge'
 [[ $sweep == 1 ]] && fwd_filter="$fwd_filter|BM_sweep_|BM_rsweep_"
 sweep_arg=()
 [[ $sweep == 1 ]] && sweep_arg=(--sweep)

@@ -20,7 +20,11 @@ UNIT = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def gbench(paths):
-    """{case: (best ms, counters of that run)}; case without BM_ and /real_time."""
+    """{case: (best ms, counters of that run)}; case without BM_ and /real_time.
+
+    A case's time is its fastest iteration (counter best_ms) where the benchmark
+    records it, the statistic compare_torch.py reports for PyTorch; else Google
+    Benchmark's mean over the iterations."""
     best = {}
     for path in paths:
         with open(path) as f:
@@ -29,7 +33,7 @@ def gbench(paths):
             if b.get("run_type") == "aggregate":
                 continue
             name = re.sub(r"^BM_|/(real|manual)_time$", "", b["name"])
-            ms = b["real_time"] * UNIT[b["time_unit"]]
+            ms = b["best_ms"] if "best_ms" in b else b["real_time"] * UNIT[b["time_unit"]]
             if name not in best or ms < best[name][0]:
                 best[name] = (ms, b)
     return best
@@ -172,6 +176,34 @@ def main():
             pct = 100 * 4.0 * n * D * D / (peak * 1e9) * 1e3 / ms
             print(f"| {r} | {n} | {ms:.3f} | {b['ref_ms']:.3f} | {b['ratio']:.2f} | {pct:.0f}% | {fmt(te)} "
                   f"| {fmt(te and te / ms, '.2f')} |")
+        print()
+
+    # ---- PackedMatrix base ------------------------------------------------------
+    packed_fwd = {k: v for k, v in lora.items() if k.startswith("forward_packed/")}
+    packed_step = {k: v for k, v in train.items() if k.startswith("train_step_packed<")}
+    if packed_fwd or packed_step:
+        print("### PackedMatrix base (W packed once for lora's own GEMM kernels; same run)\n")
+        print("| case | lora ms (plain W) | lora ms (packed W) | plain / packed | torch ms (env) | torch / packed |")
+        print("|---|---|---|---|---|---|")
+        for r in (8, 64):
+            for n in (1, 16, 256):
+                p = packed_fwd.get(f"forward_packed/r:{r}/n:{n}")
+                if not p:
+                    continue
+                u = lora.get(f"forward_unmerged/r:{r}/n:{n}")
+                te = t_env.get(f"forward_unmerged/r:{r}/n:{n}")
+                base = u and u[0]
+                print(f"| forward r = {r}, n = {n} | {fmt(base)} | {p[0]:.3f} | {fmt(base and base / p[0], '.2f')} "
+                      f"| {fmt(te)} | {fmt(te and te / p[0], '.2f')} |")
+        for key, (ms, b) in sorted(packed_step.items(), key=lambda kv: [int(v) for v in re.findall(r"\d+", kv[0])]):
+            mm = re.match(r"train_step_packed<(\d+)>/(\d+)", key)
+            if not mm:
+                continue
+            r, n = int(mm.group(1)), int(mm.group(2))
+            base = train.get(f"train_step<{r}>/{n}", (None,))[0]
+            te = t_env.get(f"train_step/r:{r}/n:{n}")
+            print(f"| training step r = {r}, n = {n} | {fmt(base)} | {ms:.3f} | {fmt(base and base / ms, '.2f')} "
+                  f"| {fmt(te)} | {fmt(te and te / ms, '.2f')} |")
         print()
 
     # ---- lora::blas -----------------------------------------------------------
