@@ -9,9 +9,10 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
-#include <chrono>
 
 #include <lora/lora.hpp>
+
+#include "best_time.hpp"
 
 namespace {
 
@@ -39,26 +40,6 @@ void set_counters(benchmark::State& state, double flops, double bytes) {
   state.counters["F"] = double(state.range(0)) * 2.0 * kDim / (double(kDim) * kDim);  // adapter FLOP share
 }
 
-// The fastest iteration, as counter best_ms: the statistic compare_torch.py
-// reports for PyTorch (its best of several calls), so compare_report.py
-// compares like with like. Google Benchmark's own time is the mean over the
-// iterations, which on a shared machine includes time slices lost to other
-// processes (5-40 % here), and comparing that mean with PyTorch's best
-// understated lora in every earlier side-by-side table.
-class BestTime {
- public:
-  template <class F>
-  void time(F&& f) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    best_ = std::min(best_, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  void report(benchmark::State& state) const { state.counters["best_ms"] = best_ * 1e3; }
-
- private:
-  double best_ = 1e30;
-};
-
 template <int Rank>
 void forward(benchmark::State& state, bool merged) {
   const lora::index_t r = Rank == lora::dynamic ? state.range(0) : Rank, n = state.range(1);
@@ -72,7 +53,7 @@ void forward(benchmark::State& state, bool merged) {
   const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
   lora::RowMatrix<float> Y(n, kDim);
   typename decltype(layer)::workspace ws;
-  BestTime best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       layer.forward(X, Y, ws);
@@ -96,7 +77,7 @@ void BM_forward_packed(benchmark::State& state) {
   const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
   lora::RowMatrix<float> Y(n, kDim);
   typename decltype(layer)::workspace ws;
-  BestTime best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       layer.forward(X, Y, ws);
@@ -125,7 +106,6 @@ void BM_forward_static(benchmark::State& s) {
 // forward; counters: ratio = best unmerged / best merged over the iterations,
 // target = 1 + 1.5 F (issue 17), merged_ms, best_ms (the best unmerged).
 void BM_forward_pair(benchmark::State& state) {
-  using clock = std::chrono::steady_clock;
   const lora::index_t r = state.range(0), n = state.range(1);
   lora::RowMatrix<float> W = base_weight();
   lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
@@ -134,28 +114,24 @@ void BM_forward_pair(benchmark::State& state) {
   const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
   lora::RowMatrix<float> Y(n, kDim);
   typename decltype(layer)::workspace ws;
-  const auto timed = [&] {
-    const auto t0 = clock::now();
+  const auto run = [&] {
     layer.forward(X, Y, ws);
     benchmark::DoNotOptimize(Y.data());
     benchmark::ClobberMemory();
-    return std::chrono::duration<double>(clock::now() - t0).count();
   };
-  double best_u = 1e30, best_m = 1e30;
+  lora_bench::BestTime unmerged, merged;
   for (auto _ : state) {
-    const double tu = timed();
+    const double tu = unmerged.time(run);
     layer.merge();
-    const double tm = timed();
+    merged.time(run);
     layer.unmerge();
-    best_u = std::min(best_u, tu);
-    best_m = std::min(best_m, tm);
     state.SetIterationTime(tu);
   }
   const double F = double(r) * 2.0 * kDim / (double(kDim) * kDim);
-  state.counters["ratio"] = best_u / best_m;
+  state.counters["ratio"] = unmerged.seconds() / merged.seconds();
   state.counters["target"] = 1 + 1.5 * F;
-  state.counters["merged_ms"] = best_m * 1e3;
-  state.counters["best_ms"] = best_u * 1e3;
+  state.counters["merged_ms"] = merged.seconds() * 1e3;
+  unmerged.report(state);
   state.counters["F"] = F;
 }
 
@@ -168,7 +144,7 @@ void merge_unmerge(benchmark::State& state, bool safe) {
   lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
                             lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
   layer.delta().init(lora::init::UniformBoth{0.01}, 2);
-  BestTime best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       if (safe)
@@ -190,7 +166,7 @@ void BM_eigen_plain(benchmark::State& state) {
   const lora::RowMatrix<float> W = base_weight();
   const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
   lora::RowMatrix<float> Y(n, kDim);
-  BestTime best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       Y.noalias() = X * W.transpose();

@@ -12,11 +12,11 @@
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
-#include <algorithm>
-#include <chrono>
 #include <cstddef>
 #include <string>
 #include <vector>
+
+#include "best_time.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -54,27 +54,8 @@ float slice_sum(const float* p, std::size_t n) {
   return total;
 }
 
-// Each limit's rate comes from its fastest iteration: the statistic of the
-// lora cases it bounds (bench_forward's best_ms) and of compare_torch.py. A
-// mean over iterations includes time slices lost to other processes, and a
-// mean-based limit under a best-based case read as "above the limit".
-class BestRate {
- public:
-  template <class F>
-  void time(F&& f) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    best_ = std::min(best_, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  /// counters[name] = work / the fastest iteration (GB/s, GFLOP/s: work in bytes, flops).
-  void report(benchmark::State& state, const char* name, double work) const {
-    state.counters[name] = work / best_;
-  }
-
- private:
-  double best_ = 1e30;
-};
-
+// Each limit's rate comes from its fastest iteration (best_time.hpp): the
+// statistic of the lora cases it bounds.
 // Sum: reads only. Each thread sums its own contiguous slice (slice_sum), so
 // the loop is bound by memory, not by the latency of one chain of adds (a
 // plain `omp simd` reduction measured 9.5 GB/s here, a fifth of the L3's
@@ -84,7 +65,7 @@ void BM_stream_read(benchmark::State& state) {
   std::vector<float> a(count);
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
-  BestRate best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       float total = 0.0f;
@@ -101,7 +82,7 @@ void BM_stream_read(benchmark::State& state) {
       benchmark::DoNotOptimize(total);
     });
   }
-  best.report(state, "GB/s", 4.0 * double(count));
+  best.report_rate(state, "GB/s", 4.0 * double(count));
 }
 
 // Scale b = 3 a: one read and one write stream.
@@ -110,7 +91,7 @@ void BM_stream_scale(benchmark::State& state) {
   std::vector<float> a(count), b(count);
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f, b[i] = 0.0f;
-  BestRate best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
 #pragma omp parallel for schedule(static)
@@ -118,7 +99,7 @@ void BM_stream_scale(benchmark::State& state) {
       benchmark::ClobberMemory();
     });
   }
-  best.report(state, "GB/s", 8.0 * double(count));
+  best.report_rate(state, "GB/s", 8.0 * double(count));
 }
 
 // In-place update a = a * c + d: W's traffic in merge() (read and write the
@@ -128,7 +109,7 @@ void BM_stream_update(benchmark::State& state) {
   std::vector<float> a(count);
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
-  BestRate best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
 #pragma omp parallel for simd schedule(static)
@@ -136,7 +117,7 @@ void BM_stream_update(benchmark::State& state) {
       benchmark::ClobberMemory();
     });
   }
-  best.report(state, "GB/s", 8.0 * double(count));
+  best.report_rate(state, "GB/s", 8.0 * double(count));
 }
 
 // Peak SGEMM: a large square product, the best Eigen (or, built with
@@ -144,14 +125,14 @@ void BM_stream_update(benchmark::State& state) {
 void BM_sgemm_peak(benchmark::State& state) {
   const Eigen::Index d = state.range(0);
   Eigen::MatrixXf a = Eigen::MatrixXf::Random(d, d), b = Eigen::MatrixXf::Random(d, d), c(d, d);
-  BestRate best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       c.noalias() = a * b;
       benchmark::DoNotOptimize(c.data());
     });
   }
-  best.report(state, "GFLOP/s", 2.0 * double(d) * double(d) * double(d));
+  best.report_rate(state, "GFLOP/s", 2.0 * double(d) * double(d) * double(d));
 }
 
 // The n = 256 forward's shape: X [256, 4096] times W^T, W [4096, 4096] row-major.
@@ -159,14 +140,14 @@ void BM_sgemm_forward_shape(benchmark::State& state) {
   using Row = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Eigen::Index n = state.range(0), d = 4096;
   Row x = Row::Random(n, d), w = Row::Random(d, d), y(n, d);
-  BestRate best;
+  lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
       y.noalias() = x * w.transpose();
       benchmark::DoNotOptimize(y.data());
     });
   }
-  best.report(state, "GFLOP/s", 2.0 * double(n) * double(d) * double(d));
+  best.report_rate(state, "GFLOP/s", 2.0 * double(n) * double(d) * double(d));
 }
 
 int add_context() {

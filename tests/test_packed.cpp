@@ -194,3 +194,38 @@ TEST_CASE("AdaptedLinear over a PackedMatrix equals the layer over the dense W: 
   CHECK(train::memory_usage(packed).frozen_bytes == 96.0 * 300 * 4);
   CHECK(train::memory_usage(dense).frozen_bytes == 70.0 * 300 * 4);
 }
+
+TEST_CASE("Rank updates C = beta C + alpha A B through the outer-product micro-kernel", "[packed][rank_update]") {
+  // Depths 16..128 (LORA_EIGEN_RANK_UPDATE_{MIN,MAX}_DEPTH) take the
+  // micro-kernel when C is large enough (merge's W += s B A, the backward's
+  // dX += s (G B) A); the others stay with Eigen. Both must match the
+  // long-double product.
+  for (const index_t k : {index_t(8), index_t(16), index_t(37), index_t(128), index_t(129)})
+    for (const index_t m : {index_t(1), index_t(13), index_t(200)})
+      for (const index_t n : {index_t(33), index_t(130), index_t(600)}) {
+        CAPTURE(m, n, k);
+        RowMatrix<float> A(m, k), B(k, n), C(m, n);
+        support::fill(A, 19);
+        support::fill(B, 20);
+        support::fill(C, 21);
+        const RowMatrix<float> C0 = C;
+        lora::EigenBackend::gemm_nn(0.5f, A, B, 2.0f, C);
+        RowMatrix<long double> ref(m, n);
+        for (index_t i = 0; i < m; ++i)
+          for (index_t j = 0; j < n; ++j) {
+            long double s = 0;
+            for (index_t q = 0; q < k; ++q) s += (long double)A(i, q) * B(q, j);
+            ref(i, j) = 2.0L * C0(i, j) + 0.5L * s;
+          }
+        CHECK(support::rel_err(C, ref) <= bound(k + 2));
+      }
+  // beta = 0 overwrites (NaN does not leak), into a strided block of a wider matrix.
+  RowMatrix<float> A(300, 20), B(20, 100), big = RowMatrix<float>::Constant(300, 110, std::nanf(""));
+  support::fill(A, 22);
+  support::fill(B, 23);
+  auto C = big.middleCols(5, 100);
+  lora::EigenBackend::gemm_nn(1.0f, A, B, 0.0f, C);
+  CHECK(support::rel_err(C, RowMatrix<float>(A * B)) <= bound(20));
+  CHECK(big.leftCols(5).array().isNaN().all());
+  CHECK(big.rightCols(5).array().isNaN().all());
+}

@@ -38,15 +38,13 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 #include "../../error.hpp"
 #include "backend.hpp"
+#include "microkernel.hpp"
 #include "products.hpp"
 
 #ifdef _OPENMP
@@ -93,8 +91,8 @@ class PackedMatrix {
  public:
   using Scalar = float;
   using dense_matrix = RowMatrix<float>;
-  /// Rows of W (outputs) per panel.
-  static constexpr index_t panel_rows = 32;
+  /// Rows of W (outputs) per panel: the micro-kernel's width (microkernel.hpp).
+  static constexpr index_t panel_rows = detail::packed::panel;
 
   PackedMatrix() = default;
 
@@ -149,130 +147,6 @@ class PackedMatrix {
 };
 
 namespace detail::packed {
-
-using S = skinny::simd<float>;
-using V = S::type;
-inline constexpr index_t panel = PackedMatrix::panel_rows;
-/// Vectors per panel row of 32 floats (2 with AVX-512).
-inline constexpr int vecs = int(panel) / S::width;
-/// Tokens (forward) or input columns (backward) per tile: 3/4 of the vector
-/// registers hold accumulators (AVX-512: 12 x 2 of 32; AVX2: 3 x 4 of 16).
-inline constexpr int tile_rows = std::max(1, (skinny::simd_bytes == 64 ? 24 : 12) / vecs);
-/// Depth per block: a tile's broadcast operand (tile_rows x 256 floats, 12 KiB)
-/// stays in L1 while a block of panels (16 x 256 x 32 floats, 512 KiB) stays in L2.
-inline constexpr index_t depth_block = 256;
-inline constexpr index_t panel_block = 16;
-
-/// acc + s * w with a fused multiply-add: the vector extensions' a * b + c is
-/// contracted only under -ffp-contract=fast, which ISO -std=c++20 turns off.
-LORA_FORCE_INLINE V fma(float s, V w, V acc) {
-#if defined(__AVX512F__)  // V is 64 bytes (skinny::simd_bytes)
-  return V(_mm512_fmadd_ps(_mm512_set1_ps(s), __m512(w), __m512(acc)));
-#elif defined(__AVX__) && defined(__FMA__)  // V is 32 bytes
-  return V(_mm256_fmadd_ps(_mm256_set1_ps(s), __m256(w), __m256(acc)));
-#else
-  return acc + s * w;
-#endif
-}
-
-/// One step q of tile(): acc[t][:] += b(t, q) * v(q).
-template <int M>
-LORA_FORCE_INLINE void step(V (&acc)[M][vecs], const float* __restrict b, index_t bs, index_t bt,
-                            const float* __restrict v, index_t q) {
-  V w[vecs];
-  for (int u = 0; u < vecs; ++u) w[u] = S::load(v + q * panel + u * S::width);
-  for (int t = 0; t < M; ++t) {
-    const float s = b[q * bs + t * bt];
-    for (int u = 0; u < vecs; ++u) acc[t][u] = fma(s, w[u], acc[t][u]);
-  }
-}
-
-/// out[t][:] = sum over `segments` runs of `depth` steps q of b(t, q) * v(q),
-/// v(q) = 32 contiguous floats at v + q * 32 (runs follow one another in v),
-/// b(t, q) = b[q * bs + t * bt] (broadcast), b advancing by b_next per run.
-/// The accumulators are this function's locals, written out once at fixed
-/// indices: held across calls or indexed at run time, GCC kept them in memory
-/// and stored all 24 on every step (half speed). One or two rows (a token or
-/// two) take 4 or 2 independent chains: with 2 or 4 accumulators the FMA's
-/// latency, not its throughput, would bound the stream of W.
-template <int M>
-LORA_FORCE_INLINE void tile(const float* __restrict b, index_t bs, index_t bt, index_t b_next,
-                            const float* __restrict v, index_t depth, index_t segments, float (&out)[M][panel]) {
-  constexpr int C = M == 1 ? 4 : M == 2 ? 2 : 1;
-  V acc[C][M][vecs] = {};
-  for (index_t sg = 0; sg < segments; ++sg, b += b_next, v += depth * panel) {
-    index_t q = 0;
-    for (; q + C <= depth; q += C)
-      for (int c = 0; c < C; ++c) step<M>(acc[c], b, bs, bt, v, q + c);
-    for (; q < depth; ++q) step<M>(acc[0], b, bs, bt, v, q);
-  }
-  for (int c = 1; c < C; ++c)
-    for (int t = 0; t < M; ++t)
-      for (int u = 0; u < vecs; ++u) acc[0][t][u] += acc[c][t][u];
-  for (int t = 0; t < M; ++t)
-    for (int u = 0; u < vecs; ++u) std::memcpy(out[t] + u * S::width, &acc[0][t][u], sizeof(V));
-}
-
-/// f.template operator()<M>(offset, M) over [0, count) in tiles of tile_rows,
-/// the rest in tiles of 8, 4, 2, 1 (no padding work for a few tokens).
-template <class F>
-LORA_FORCE_INLINE void for_tiles(index_t count, F&& f) {
-  index_t i = 0;
-  for (; i + tile_rows <= count; i += tile_rows) f.template operator()<tile_rows>(i);
-  if constexpr (tile_rows > 8)
-    if (i + 8 <= count) f.template operator()<8>(i), i += 8;
-  if constexpr (tile_rows > 4)
-    if (i + 4 <= count) f.template operator()<4>(i), i += 4;
-  if constexpr (tile_rows > 2)
-    if (i + 2 <= count) f.template operator()<2>(i), i += 2;
-  if constexpr (tile_rows > 1)
-    if (i + 1 <= count) f.template operator()<1>(i), i += 1;
-}
-
-inline float* scratch(std::vector<float, Eigen::aligned_allocator<float>>& buf, index_t n) {
-  if (buf.size() < static_cast<std::size_t>(n)) buf.resize(static_cast<std::size_t>(n));
-  return buf.data();
-}
-
-/// [begin, end) of `count` items in `unit`-aligned shares, share `t` of `nt`.
-inline void share(index_t count, index_t unit, int t, int nt, index_t& begin, index_t& end) {
-  const index_t units = (count + unit - 1) / unit;
-  begin = std::min(count, units * t / nt * unit);
-  end = std::min(count, units * (t + 1) / nt * unit);
-}
-
-/// Runs f(thread, threads) on every OpenMP thread when the work is worth a
-/// parallel region and none is running; else f(0, 1). f splits its loops by
-/// (thread, threads) itself and waits with sync(threads): an orphaned `omp
-/// for` or barrier would bind to a caller's parallel region (the
-/// multi-adapter layer runs products from its threads) and split or block
-/// work that is not shared.
-template <class F>
-void parallel(double flops, F&& f) {
-#ifdef _OPENMP
-  if (flops >= 1e6 && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel
-    f(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  (void)flops;
-  f(0, 1);
-}
-
-/// The barrier of parallel()'s region; nothing on one thread.
-inline void sync(int threads) {
-  if (threads > 1) {
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-  }
-}
-
-inline void scale_rows(float beta, float* y, index_t ldy, index_t rows, index_t cols) {
-  for (index_t t = 0; t < rows; ++t)
-    for (index_t c = 0; c < cols; ++c) y[t * ldy + c] = beta == 0.0f ? 0.0f : beta * y[t * ldy + c];
-}
 
 /// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T; X [n, in] and Y row-major
 /// with unit column stride.

@@ -23,6 +23,7 @@
 
 #include "../../config.hpp"
 #include "blas.hpp"
+#include "microkernel.hpp"
 #include "skinny.hpp"
 
 #ifdef _OPENMP
@@ -167,6 +168,17 @@ void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
 template <class T>
 void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
   const index_t m = a.rows();
+  // A shallow product into a large c (a rank-r update: merge's W += s B A,
+  // the backward's dX += s (G B) A): the outer-product micro-kernel streams c
+  // once (microkernel.hpp).
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.cols() >= LORA_EIGEN_RANK_UPDATE_MIN_DEPTH && a.cols() <= LORA_EIGEN_RANK_UPDATE_MAX_DEPTH &&
+        m * c.cols() >= LORA_EIGEN_RANK_UPDATE_MIN_ELEMENTS) {
+      packed::rank_update(m, c.cols(), a.cols(), alpha, a.data(), a.outerStride(), b.data(), b.outerStride(), beta,
+                          c.data(), c.outerStride());
+      return;
+    }
+  }
   // A few rows of a times a wide b (backward's dX = G W): c's columns split
   // across threads, a register-blocked panel kernel in each. (A narrow c,
   // such as G B [n, r], stays with Eigen.)
