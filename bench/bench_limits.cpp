@@ -3,8 +3,9 @@
 // here) and from L3 (64 MiB: the size of a 4096^2 fp32 W, which stays in this
 // machine's 260 MiB L3 between forwards), read+write bandwidth (STREAM scale
 // from DRAM, and an in-place update of 64 MiB: merge()'s traffic), and peak
-// SGEMM through Eigen. Every case's "percent of limit" in docs/benchmarks.md
-// and bench/compare.sh divides by these.
+// SGEMM through Eigen and through lora's own packed kernel (the faster is the
+// peak). Every case's "percent of limit" in docs/benchmarks.md and
+// bench/compare.sh divides by these; every figure is the fastest iteration.
 //
 // Built a second time with EIGEN_USE_BLAS when LORA_BENCH_BLAS=ON
 // (bench/CMakeLists.txt): bench_limits_openblas, bench_limits_blis; there the
@@ -12,9 +13,16 @@
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
+#include <lora/lora.hpp>
 #include <cstddef>
+#include <cstdlib>
+#include <new>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "best_time.hpp"
 
@@ -31,6 +39,35 @@ namespace {
 
 // The argument of the bandwidth cases is the buffer's size in MiB.
 std::size_t floats_of(const benchmark::State& state) { return std::size_t(state.range(0)) << 18; }
+
+// The buffers of the bandwidth limits: 2 MiB-aligned and advised for
+// transparent huge pages, the best case for a streaming read (a limit must not
+// be beaten by a lora kernel whose buffer happened to land better: on the Intel
+// host the same 64 MiB sum read 52 GB/s from a std::vector, 56-58 aligned,
+// 58.6 with huge pages; PackedMatrix asks for them too).
+template <class T>
+struct HugePageAllocator {
+  using value_type = T;
+  HugePageAllocator() = default;
+  template <class U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    constexpr std::size_t huge = std::size_t(2) << 20;
+    const std::size_t size = (n * sizeof(T) + huge - 1) / huge * huge;
+    void* p = std::aligned_alloc(huge, size);
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    ::madvise(p, size, MADV_HUGEPAGE);
+#endif
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) noexcept { std::free(p); }
+  template <class U>
+  bool operator==(const HugePageAllocator<U>&) const noexcept {
+    return true;
+  }
+};
+using Buffer = std::vector<float, HugePageAllocator<float>>;
 
 // The sum of one thread's slice as 8 interleaved streams (the slice cut in 8
 // contiguous parts, read in lockstep), 16 lanes each: enough adds in flight
@@ -62,7 +99,7 @@ float slice_sum(const float* p, std::size_t n) {
 // bandwidth). The buffer is first touched by the same split that reads it.
 void BM_stream_read(benchmark::State& state) {
   const std::size_t count = floats_of(state);
-  std::vector<float> a(count);
+  Buffer a(count);
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
   lora_bench::BestTime best;
@@ -88,7 +125,7 @@ void BM_stream_read(benchmark::State& state) {
 // Scale b = 3 a: one read and one write stream.
 void BM_stream_scale(benchmark::State& state) {
   const std::size_t count = floats_of(state);
-  std::vector<float> a(count), b(count);
+  Buffer a(count), b(count);
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f, b[i] = 0.0f;
   lora_bench::BestTime best;
@@ -106,7 +143,7 @@ void BM_stream_scale(benchmark::State& state) {
 // same buffer once). c, d keep the values bounded over many iterations.
 void BM_stream_update(benchmark::State& state) {
   const std::size_t count = floats_of(state);
-  std::vector<float> a(count);
+  Buffer a(count);
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
   lora_bench::BestTime best;
@@ -150,6 +187,28 @@ void BM_sgemm_forward_shape(benchmark::State& state) {
   best.report_rate(state, "GFLOP/s", 2.0 * double(n) * double(d) * double(d));
 }
 
+#ifndef LORA_BENCH_BLAS_NAME
+// lora's own SGEMM, Y = X W^T through a PackedMatrix (the packed base's
+// forward kernel, backend/eigen/packed.hpp): part of the peak, since a peak that
+// a lora kernel beats bounds nothing. Reported under the same names with a
+// _packed suffix; bench/compare_report.py takes the faster of the two.
+void BM_sgemm_packed(benchmark::State& state) {
+  using Row = lora::RowMatrix<float>;
+  const Eigen::Index n = state.range(0), d = state.range(1);
+  const Row x = Row::Random(n, d);
+  const lora::PackedMatrix w(Row::Random(d, d));
+  Row y(n, d);
+  lora_bench::BestTime best;
+  for (auto _ : state) {
+    best.time([&] {
+      lora::quantized_traits<lora::PackedMatrix>::gemm_nt(w, 0, d, 1.0f, x, 0.0f, y);
+      benchmark::DoNotOptimize(y.data());
+    });
+  }
+  best.report_rate(state, "GFLOP/s", 2.0 * double(n) * double(d) * double(d));
+}
+#endif
+
 int add_context() {
 #ifdef LORA_BENCH_BLAS_NAME
   std::string blas = LORA_BENCH_BLAS_NAME;
@@ -178,5 +237,11 @@ BENCHMARK(BM_stream_read)->Name("BM_l3_read")->ArgName("MiB")->Arg(64)->Unit(ben
 BENCHMARK(BM_stream_update)->Name("BM_l3_update")->ArgName("MiB")->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_sgemm_peak)->ArgName("d")->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_sgemm_forward_shape)->ArgName("n")->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime();
+#ifndef LORA_BENCH_BLAS_NAME
+BENCHMARK(BM_sgemm_packed)->Name("BM_sgemm_peak_packed")->ArgNames({"n", "d"})->Args({2048, 2048})->Args({4096, 4096})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_sgemm_packed)->Name("BM_sgemm_forward_shape_packed")->ArgNames({"n", "d"})->Args({256, 4096})
+    ->Unit(benchmark::kMillisecond)->UseRealTime();
+#endif
 
 BENCHMARK_MAIN();
