@@ -201,6 +201,7 @@ int register_forward_pairs() {
             ->ArgNames({"r", "n"})
             ->Args({r, n})
             ->Unit(benchmark::kMillisecond)
+            ->MinWarmUpTime(0.1)
             ->UseRealTime();
       }
   return 0;
@@ -214,6 +215,7 @@ int register_forward_pair() {
           ->ArgNames({"r", "n"})
           ->Args({r, n})
           ->Unit(benchmark::kMillisecond)
+          ->MinWarmUpTime(0.1)
           ->UseManualTime();
   return 0;
 }
@@ -226,6 +228,7 @@ int register_forward_packed() {
           ->ArgNames({"r", "n"})
           ->Args({r, n})
           ->Unit(benchmark::kMillisecond)
+          ->MinWarmUpTime(0.1)
           ->UseRealTime();
   return 0;
 }
