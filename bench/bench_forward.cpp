@@ -208,31 +208,23 @@ int register_forward_pairs() {
 }
 const int forward_pairs = register_forward_pairs();
 
-int register_forward_pair() {
+// The paired cases (the unmerged / merged ratio) and the packed base.
+int register_forward_pair_and_packed() {
+  const auto add = [](const char* name, void (*fn)(benchmark::State&), int r, int n, bool manual) {
+    auto* b = benchmark::RegisterBenchmark(name, fn)->ArgNames({"r", "n"})->Args({r, n});
+    b->Unit(benchmark::kMillisecond)->MinWarmUpTime(0.1);
+    if (manual)
+      b->UseManualTime();
+    else
+      b->UseRealTime();
+  };
   for (int r : {1, 8, 64})
-    for (int n : {1, 16, 256})
-      benchmark::RegisterBenchmark("BM_forward_pair", BM_forward_pair)
-          ->ArgNames({"r", "n"})
-          ->Args({r, n})
-          ->Unit(benchmark::kMillisecond)
-          ->MinWarmUpTime(0.1)
-          ->UseManualTime();
-  return 0;
-}
-const int forward_pair = register_forward_pair();
-
-int register_forward_packed() {
+    for (int n : {1, 16, 256}) add("BM_forward_pair", BM_forward_pair, r, n, true);
   for (int r : {8, 64})
-    for (int n : {1, 16, 256})
-      benchmark::RegisterBenchmark("BM_forward_packed", BM_forward_packed)
-          ->ArgNames({"r", "n"})
-          ->Args({r, n})
-          ->Unit(benchmark::kMillisecond)
-          ->MinWarmUpTime(0.1)
-          ->UseRealTime();
+    for (int n : {1, 16, 256}) add("BM_forward_packed", BM_forward_packed, r, n, false);
   return 0;
 }
-const int forward_packed = register_forward_packed();
+const int forward_pair_and_packed = register_forward_pair_and_packed();
 
 // Sweeps: the cases of one point run back to back.
 int register_sweeps() {

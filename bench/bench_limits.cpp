@@ -15,14 +15,8 @@
 #include <Eigen/Core>
 #include <lora/lora.hpp>
 #include <cstddef>
-#include <cstdlib>
-#include <new>
 #include <string>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "best_time.hpp"
 
@@ -44,30 +38,8 @@ std::size_t floats_of(const benchmark::State& state) { return std::size_t(state.
 // transparent huge pages, the best case for a streaming read (a limit must not
 // be beaten by a lora kernel whose buffer happened to land better: on the Intel
 // host the same 64 MiB sum read 52 GB/s from a std::vector, 56-58 aligned,
-// 58.6 with huge pages; PackedMatrix asks for them too).
-template <class T>
-struct HugePageAllocator {
-  using value_type = T;
-  HugePageAllocator() = default;
-  template <class U>
-  HugePageAllocator(const HugePageAllocator<U>&) {}
-  T* allocate(std::size_t n) {
-    constexpr std::size_t huge = std::size_t(2) << 20;
-    const std::size_t size = (n * sizeof(T) + huge - 1) / huge * huge;
-    void* p = std::aligned_alloc(huge, size);
-    if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    ::madvise(p, size, MADV_HUGEPAGE);
-#endif
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, std::size_t) noexcept { std::free(p); }
-  template <class U>
-  bool operator==(const HugePageAllocator<U>&) const noexcept {
-    return true;
-  }
-};
-using Buffer = std::vector<float, HugePageAllocator<float>>;
+// 58.6 with huge pages): PackedMatrix's allocator.
+using Buffer = std::vector<float, lora::detail::packed::HugePageAllocator<float>>;
 
 // The sum of one thread's slice as 8 interleaved streams (the slice cut in 8
 // contiguous parts, read in lockstep), 16 lanes each: enough adds in flight

@@ -78,7 +78,10 @@ template <int M>
 LORA_FORCE_INLINE void tile(const float* __restrict b, index_t bs, index_t bt, index_t b_next,
                             const float* __restrict v, index_t depth, index_t segments, float (&out)[M][panel]) {
   constexpr int C = M == 1 ? 4 : M == 2 ? 2 : 1;
-  V acc[C][M][vecs] = {};
+  V acc[C][M][vecs];
+  for (int c = 0; c < C; ++c)
+    for (int t = 0; t < M; ++t)
+      for (int u = 0; u < vecs; ++u) acc[c][t][u] = V{};
   for (index_t sg = 0; sg < segments; ++sg, b += b_next, v += depth * panel) {
     index_t q = 0;
     for (; q + C <= depth; q += C)
@@ -90,6 +93,25 @@ LORA_FORCE_INLINE void tile(const float* __restrict b, index_t bs, index_t bt, i
       for (int u = 0; u < vecs; ++u) acc[0][t][u] += acc[c][t][u];
   for (int t = 0; t < M; ++t)
     for (int u = 0; u < vecs; ++u) std::memcpy(out[t] + u * S::width, &acc[0][t][u], sizeof(V));
+}
+
+/// dst[j] = beta dst[j] + alpha src[j] for j < width; beta = 0 does not read
+/// dst (NaN there does not leak). Plain loops, not vector types: a whole
+/// panel's constant trip count vectorises, and nvcc (whose device pass sees
+/// these headers in .cu TUs) stopped with "Internal Compiler Error: unsupported
+/// aggregate constant" on the vector-typed form of this update.
+LORA_FORCE_INLINE void update_row(float* dst, const float* src, index_t width, float alpha, float beta) {
+  if (width == panel) {
+    if (beta == 0.0f)
+      for (int j = 0; j < int(panel); ++j) dst[j] = alpha * src[j];
+    else
+      for (int j = 0; j < int(panel); ++j) dst[j] = beta * dst[j] + alpha * src[j];
+  } else {
+    if (beta == 0.0f)
+      for (index_t j = 0; j < width; ++j) dst[j] = alpha * src[j];
+    else
+      for (index_t j = 0; j < width; ++j) dst[j] = beta * dst[j] + alpha * src[j];
+  }
 }
 
 /// f.template operator()<M>(offset, M) over [0, count) in tiles of tile_rows,
@@ -192,19 +214,7 @@ inline void rank_update(index_t m, index_t n, index_t k, float alpha, const floa
           float out[M][panel];
           tile<M>(a + r0 * lda, 1, lda, 0, bp + p * k * panel, k, 1, out);
           const index_t c0 = p * panel, width = std::min(panel, n - c0);
-          for (int t = 0; t < M; ++t) {
-            float* row = c + (r0 + t) * ldc + c0;
-            if (width == panel) {
-              for (int u = 0; u < vecs; ++u) {
-                float* dst = row + u * S::width;
-                const V prev = beta == 0.0f ? V{} : beta * S::load(dst);
-                const V sum = prev + alpha * S::load(out[t] + u * S::width);
-                std::memcpy(dst, &sum, sizeof sum);
-              }
-            } else {
-              for (index_t j = 0; j < width; ++j) row[j] = (beta == 0.0f ? 0.0f : beta * row[j]) + alpha * out[t][j];
-            }
-          }
+          for (int t = 0; t < M; ++t) update_row(c + (r0 + t) * ldc + c0, out[t], width, alpha, beta);
         }
       });
     }

@@ -196,22 +196,11 @@ inline void gemm_nt(const PackedMatrix& w, index_t r0, index_t nr, float alpha, 
             for_tiles(rows, [&]<int M>(index_t off) {
               float out[M][panel];
               tile<M>(xt + off, tile_rows, 1, 0, wp, kc, 1, out);
-              for (int t = 0; t < M; ++t) {
-                float* yr = y + (tt * tile_rows + off + t) * ldy - r0;  // yr[o]: output o
-                if (lo == o0 && hi == o0 + panel) {  // a whole panel: vector updates
-                  for (int u = 0; u < vecs; ++u) {
-                    float* dst = yr + o0 + u * S::width;
-                    const V prev = first ? (beta == 0.0f ? V{} : beta * S::load(dst)) : S::load(dst);
-                    const V sum = prev + alpha * S::load(out[t] + u * S::width);
-                    std::memcpy(dst, &sum, sizeof sum);
-                  }
-                } else {
-                  for (index_t o = lo; o < hi; ++o) {
-                    const float prev = first ? (beta == 0.0f ? 0.0f : beta * yr[o]) : yr[o];
-                    yr[o] = prev + alpha * out[t][o - o0];
-                  }
-                }
-              }
+              // Columns [lo, hi) of the panel (all 32 but at a slice's edges);
+              // the first depth block applies beta, the later ones add.
+              for (int t = 0; t < M; ++t)
+                update_row(y + (tt * tile_rows + off + t) * ldy + (lo - r0), out[t] + (lo - o0), hi - lo, alpha,
+                           first ? beta : 1.0f);
             });
           }
         }
@@ -259,12 +248,7 @@ inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, 
         for (index_t tp = 0; tp < tps; ++tp) {
           float out[M][panel];  // the block's panels in turn: b(t, j) = P[p][i + t][j]
           tile<M>(w.panel(pb0) + i * panel, 1, panel, k * panel, gt + tp * depth * panel, panel, pb1 - pb0, out);
-          for (int t = 0; t < M; ++t)
-            for (int u = 0; u < vecs; ++u) {
-              float* dst = dt + (tp * k + i + t) * panel + u * S::width;
-              const V sum = first ? S::load(out[t] + u * S::width) : S::load(dst) + S::load(out[t] + u * S::width);
-              std::memcpy(dst, &sum, sizeof sum);
-            }
+          for (int t = 0; t < M; ++t) update_row(dt + (tp * k + i + t) * panel, out[t], panel, 1.0f, first ? 0.0f : 1.0f);
         }
       });
       sync(nt);  // before the next block of G^T is packed
