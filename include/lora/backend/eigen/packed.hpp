@@ -17,7 +17,7 @@
 // column k in turn, the 32 values W[32 p + j, k] (j = 0..31) contiguously, the
 // last panel zero-padded. Forward: 32 outputs x MR tokens of accumulators; per
 // input column two vector loads from the panel and MR broadcasts of X (packed
-// per call, [n x 256] at a time). Backward: the same kernel with the roles
+// once per call, tokens interleaved by tile). Backward: the same kernel with the roles
 // turned: 32 tokens (G^T, packed per call) x MR input columns, the broadcasts
 // from the panel (P[p][i][j] over the 32 outputs j of a panel).
 //
