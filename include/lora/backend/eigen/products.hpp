@@ -174,6 +174,9 @@ void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
   if constexpr (std::is_same_v<T, float>) {
     if (a.cols() >= LORA_EIGEN_RANK_UPDATE_MIN_DEPTH && a.cols() <= LORA_EIGEN_RANK_UPDATE_MAX_DEPTH &&
         m * c.cols() >= LORA_EIGEN_RANK_UPDATE_MIN_ELEMENTS) {
+#ifdef LORA_USE_OPENBLAS
+      if (blas::try_gemm(alpha, a, b, beta, c)) return;  // the user's opt-in hand-off first, where its guard takes it
+#endif
       packed::rank_update(m, c.cols(), a.cols(), alpha, a.data(), a.outerStride(), b.data(), b.outerStride(), beta,
                           c.data(), c.outerStride());
       return;
