@@ -40,19 +40,13 @@ void set_counters(benchmark::State& state, double flops, double bytes) {
   state.counters["F"] = double(state.range(0)) * 2.0 * kDim / (double(kDim) * kDim);  // adapter FLOP share
 }
 
-template <int Rank>
-void forward(benchmark::State& state, bool merged) {
-  const lora::index_t r = Rank == lora::dynamic ? state.range(0) : Rank, n = state.range(1);
-  // Each case owns a fresh copy of W, merged or not, so both states read
-  // memory allocated and touched the same way.
-  lora::RowMatrix<float> W = base_weight();
-  lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
-                            lora::LowRankDelta<float, Rank>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
-  layer.delta().init(lora::init::UniformBoth{0.01}, 1);
-  if (merged) layer.merge();
+// The timed loop of every forward case: the fastest call (best_ms) and the
+// rate counters (the adapter's flops and bytes only when unmerged).
+template <class Layer>
+void time_forward(benchmark::State& state, const Layer& layer, lora::index_t r, lora::index_t n, bool merged) {
   const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
   lora::RowMatrix<float> Y(n, kDim);
-  typename decltype(layer)::workspace ws;
+  typename Layer::workspace ws;
   lora_bench::BestTime best;
   for (auto _ : state) {
     best.time([&] {
@@ -67,6 +61,19 @@ void forward(benchmark::State& state, bool merged) {
   best.report(state);
 }
 
+template <int Rank>
+void forward(benchmark::State& state, bool merged) {
+  const lora::index_t r = Rank == lora::dynamic ? state.range(0) : Rank, n = state.range(1);
+  // Each case owns a fresh copy of W, merged or not, so both states read
+  // memory allocated and touched the same way.
+  lora::RowMatrix<float> W = base_weight();
+  lora::AdaptedLinear layer{Eigen::Map<lora::RowMatrix<float>>(W.data(), kDim, kDim),
+                            lora::LowRankDelta<float, Rank>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
+  layer.delta().init(lora::init::UniformBoth{0.01}, 1);
+  if (merged) layer.merge();
+  time_forward(state, layer, r, n, merged);
+}
+
 // The unmerged forward over a PackedMatrix base (backend/eigen/packed.hpp): W
 // packed once for the CPU GEMM kernels; the layer holds only the packed copy.
 void BM_forward_packed(benchmark::State& state) {
@@ -74,20 +81,7 @@ void BM_forward_packed(benchmark::State& state) {
   lora::AdaptedLinear layer{lora::PackedMatrix(base_weight()),
                             lora::LowRankDelta<float>{kDim, kDim, r, {.alpha = 2.0 * double(r)}}};
   layer.delta().init(lora::init::UniformBoth{0.01}, 1);
-  const lora::RowMatrix<float> X = lora::RowMatrix<float>::Random(n, kDim);
-  lora::RowMatrix<float> Y(n, kDim);
-  typename decltype(layer)::workspace ws;
-  lora_bench::BestTime best;
-  for (auto _ : state) {
-    best.time([&] {
-      layer.forward(X, Y, ws);
-      benchmark::DoNotOptimize(Y.data());
-      benchmark::ClobberMemory();
-    });
-  }
-  set_counters(state, 2.0 * n * kDim * kDim + 2.0 * n * r * 2 * kDim,
-               4.0 * (kDim * kDim + 2.0 * n * kDim + 2.0 * r * kDim));
-  best.report(state);
+  time_forward(state, layer, r, n, false);
 }
 
 void BM_forward_merged(benchmark::State& s) { forward<lora::dynamic>(s, true); }

@@ -32,7 +32,9 @@ def gbench(paths):
         for b in data.get("benchmarks", []):
             if b.get("run_type") == "aggregate":
                 continue
-            name = re.sub(r"^BM_|/(real|manual)_time$", "", b["name"])
+            # Without BM_, the time kind and the per-case run settings
+            # (min_time, min_warmup_time) that Google Benchmark adds to names.
+            name = re.sub(r"^BM_|/(real|manual)_time$|/min_(warmup_)?time:[0-9.]+", "", b["name"])
             ms = b["best_ms"] if "best_ms" in b else b["real_time"] * UNIT[b["time_unit"]]
             if name not in best or ms < best[name][0]:
                 best[name] = (ms, b)
