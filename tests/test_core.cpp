@@ -417,9 +417,11 @@ TEMPLATE_TEST_CASE("skinny products with the depth in several chunks match the r
 TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the reference", "[backward][threads]",
                    float, double) {
   // B [389, 701] has >= 2^18 elements, so C's 701 columns split over threads
-  // unevenly; depth 389 >= the panel kernel's minimum and not a multiple of its
-  // 128-deep chunks; 701 columns leave 4-vector, 1-vector and scalar tails;
-  // m crosses every row-block width and the kernel's limit (32).
+  // unevenly; depth 389 >= the kernels' minimum and not a multiple of their
+  // depth blocks (fp32: 32, double: 128); 701 columns leave a partial 32-wide
+  // panel (fp32) and 4-vector, 1-vector and scalar tails (double); m crosses
+  // every tile height (fp32: 12, 16 as 8 + 8, 28 as 12 + 8 + 8, the 4/2/1
+  // tails; double: 6/4/2/1 row blocks) and the kernels' limit (32).
 #ifdef _OPENMP
   omp_set_num_threads(2);
 #endif
@@ -427,7 +429,7 @@ TEMPLATE_TEST_CASE("few-row products C = A B (backward's dX = G W) match the ref
   const index_t k = 389, n = 701;
   lora::RowMatrix<T> B(k, n);
   fill(B, 41);
-  for (index_t m : {1, 2, 3, 5, 7, 16, 32, 33}) {
+  for (index_t m : {1, 2, 3, 5, 7, 13, 16, 28, 32, 33}) {
     for (T beta : {T(0), T(1), T(-0.5)}) {
       CAPTURE(m, beta);
       lora::RowMatrix<T> A(m, k), C(m, n);

@@ -195,7 +195,7 @@ inline void gemm_nt(const PackedMatrix& w, index_t r0, index_t nr, float alpha, 
             const index_t o0 = p * panel, lo = std::max(r0, o0), hi = std::min(r1, o0 + panel);
             for_tiles(rows, [&]<int M>(index_t off) {
               float out[M][panel];
-              tile<M>(xt + off, tile_rows, 1, 0, wp, kc, 1, out);
+              tile<M>(xt + off, tile_rows, 1, 0, wp, panel, kc, 1, out);
               // Columns [lo, hi) of the panel (all 32 but at a slice's edges);
               // the first depth block applies beta, the later ones add.
               for (int t = 0; t < M; ++t)
@@ -247,7 +247,8 @@ inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, 
         const index_t i = ia + off;
         for (index_t tp = 0; tp < tps; ++tp) {
           float out[M][panel];  // the block's panels in turn: b(t, j) = P[p][i + t][j]
-          tile<M>(w.panel(pb0) + i * panel, 1, panel, k * panel, gt + tp * depth * panel, panel, pb1 - pb0, out);
+          tile<M>(w.panel(pb0) + i * panel, 1, panel, k * panel, gt + tp * depth * panel, panel, panel, pb1 - pb0,
+                  out);
           for (int t = 0; t < M; ++t) update_row(dt + (tp * k + i + t) * panel, out[t], panel, 1.0f, first ? 0.0f : 1.0f);
         }
       });

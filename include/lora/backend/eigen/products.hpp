@@ -183,10 +183,15 @@ void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
     }
   }
   // A few rows of a times a wide b (backward's dX = G W): c's columns split
-  // across threads, a register-blocked panel kernel in each. (A narrow c,
-  // such as G B [n, r], stays with Eigen.)
+  // across threads, a register-blocked kernel in each (fp32: the micro-
+  // kernel's, microkernel.hpp). (A narrow c, such as G B [n, r], stays with Eigen.)
   if (m >= 1 && m <= LORA_EIGEN_PANEL_MAX_ROWS && a.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH &&
       c.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
+    if constexpr (std::is_same_v<T, float>) {
+      packed::skinny_nn(m, c.cols(), a.cols(), alpha, a.data(), a.outerStride(), b.data(), b.outerStride(), beta,
+                        c.data(), c.outerStride());
+      return;
+    }
     for_row_slices(c.cols(), b.size(), [&](index_t begin, index_t end) {
       skinny::columns(a.data(), a.outerStride(), b.data(), b.outerStride(), m, a.cols(), alpha, beta, c.data(),
                       c.outerStride(), begin, end);
