@@ -78,13 +78,12 @@
 // this many elements are rank updates (merge's W += s B A, the backward's
 // dX += s (G B) A) and go to the outer-product micro-kernel (microkernel.hpp),
 // which streams C once; the others stay with Eigen. Merge + unmerge of a
-// 4096^2 W, 2 threads, per op, micro-kernel / Eigen: r = 1 1.55-2.24 /
-// 1.78-1.98 ms, 2 1.50-1.89 / 1.78-2.18, 4 1.63-2.31 / 1.90-2.52, 8 2.35-3.44 /
-// 2.42-3.65 (one process per pair, alternating), 16 2.9-3.7 / 3.2-3.7, 32
-// 4.6-5.9 / 5.5-6.5, 64 8.3-9.6 / 10.4-12.8, 128 15.5-16.9 / 22.1-23.0.
-// MAX_DEPTH 0 disables it.
+// 4096^2 W, 2 threads, per op, micro-kernel / Eigen: r = 4 2.0-2.4 / 1.7-1.9 ms,
+// 8 2.2-2.8 / 2.0-2.4, 16 2.9-3.7 / 3.2-3.7, 32 4.6-5.9 / 5.5-6.5, 64 8.3-9.6 /
+// 10.4-12.8, 128 15.5-16.9 / 22.1-23.0 (Eigen's lazy product serves r < 16
+// well). MAX_DEPTH 0 disables it.
 #ifndef LORA_EIGEN_RANK_UPDATE_MIN_DEPTH
-#define LORA_EIGEN_RANK_UPDATE_MIN_DEPTH 1
+#define LORA_EIGEN_RANK_UPDATE_MIN_DEPTH 16
 #endif
 #ifndef LORA_EIGEN_RANK_UPDATE_MAX_DEPTH
 #define LORA_EIGEN_RANK_UPDATE_MAX_DEPTH 128

@@ -117,20 +117,19 @@ LORA_FORCE_INLINE void update_row(float* dst, const float* src, index_t width, f
   }
 }
 
-/// f.template operator()<M>(offset) over [0, count) in tiles of Rows (by
-/// default tile_rows), the rest in tiles of 8, 4, 2, 1 below it (no padding
-/// work for a few tokens).
-template <int Rows = tile_rows, class F>
+/// f.template operator()<M>(offset, M) over [0, count) in tiles of tile_rows,
+/// the rest in tiles of 8, 4, 2, 1 (no padding work for a few tokens).
+template <class F>
 LORA_FORCE_INLINE void for_tiles(index_t count, F&& f) {
   index_t i = 0;
-  for (; i + Rows <= count; i += Rows) f.template operator()<Rows>(i);
-  if constexpr (Rows > 8)
+  for (; i + tile_rows <= count; i += tile_rows) f.template operator()<tile_rows>(i);
+  if constexpr (tile_rows > 8)
     if (i + 8 <= count) f.template operator()<8>(i), i += 8;
-  if constexpr (Rows > 4)
+  if constexpr (tile_rows > 4)
     if (i + 4 <= count) f.template operator()<4>(i), i += 4;
-  if constexpr (Rows > 2)
+  if constexpr (tile_rows > 2)
     if (i + 2 <= count) f.template operator()<2>(i), i += 2;
-  if constexpr (Rows > 1)
+  if constexpr (tile_rows > 1)
     if (i + 1 <= count) f.template operator()<1>(i), i += 1;
 }
 
@@ -204,33 +203,24 @@ inline void rank_update(index_t m, index_t n, index_t k, float alpha, const floa
       }
     }
     sync(nt);  // B is packed
-    // A shallow update is C's bandwidth: tiles of 4 rows (4 read and 4 write
-    // streams of C, not 12 of each) measured 8-18 % faster up to depth 16 and
-    // up to 2x slower from 32 on, where the FMAs count.
-    const auto rows = [&]<int Rows>() {
-      index_t ra, rb;
-      share(m, Rows, th, nt, ra, rb);  // this thread's rows of C
-      // A packed B up to 1 MiB stays in L2 whole: each tile then walks its rows
-      // of C left to right in one pass (sequential streams, as merge wants);
-      // larger ones go in blocks of panel_block panels.
-      const index_t block = k * n <= (index_t(1) << 18) ? panels : panel_block;
-      for (index_t p0 = 0; p0 < panels; p0 += block) {
-        const index_t p1 = std::min(panels, p0 + block);
-        for_tiles<Rows>(rb - ra, [&]<int M>(index_t off) {
-          const index_t r0 = ra + off;
-          for (index_t p = p0; p < p1; ++p) {
-            float out[M][panel];
-            tile<M>(a + r0 * lda, 1, lda, 0, bp + p * k * panel, panel, k, 1, out);
-            const index_t c0 = p * panel, width = std::min(panel, n - c0);
-            for (int t = 0; t < M; ++t) update_row(c + (r0 + t) * ldc + c0, out[t], width, alpha, beta);
-          }
-        });
-      }
-    };
-    if (k <= 16 && tile_rows > 4)
-      rows.template operator()<4>();
-    else
-      rows.template operator()<tile_rows>();
+    index_t ra, rb;
+    share(m, tile_rows, th, nt, ra, rb);  // this thread's rows of C
+    // A packed B up to 1 MiB stays in L2 whole: each tile then walks its rows
+    // of C left to right in one pass (sequential streams, as merge wants);
+    // larger ones go in blocks of panel_block panels.
+    const index_t block = k * n <= (index_t(1) << 18) ? panels : panel_block;
+    for (index_t p0 = 0; p0 < panels; p0 += block) {
+      const index_t p1 = std::min(panels, p0 + block);
+      for_tiles(rb - ra, [&]<int M>(index_t off) {
+        const index_t r0 = ra + off;
+        for (index_t p = p0; p < p1; ++p) {
+          float out[M][panel];
+          tile<M>(a + r0 * lda, 1, lda, 0, bp + p * k * panel, panel, k, 1, out);
+          const index_t c0 = p * panel, width = std::min(panel, n - c0);
+          for (int t = 0; t < M; ++t) update_row(c + (r0 + t) * ldc + c0, out[t], width, alpha, beta);
+        }
+      });
+    }
   });
 }
 
