@@ -200,8 +200,8 @@ TEST_CASE("Rank updates C = beta C + alpha A B through the outer-product micro-k
   // micro-kernel when C is large enough (merge's W += s B A, the backward's
   // dX += s (G B) A); the others stay with Eigen. Both must match the
   // long-double product.
-  for (const index_t k : {index_t(8), index_t(16), index_t(37), index_t(128), index_t(129)})
-    for (const index_t m : {index_t(1), index_t(13), index_t(200)})
+  for (const index_t k : {index_t(8), index_t(16), index_t(17), index_t(37), index_t(128), index_t(129)})
+    for (const index_t m : {index_t(1), index_t(13), index_t(200), index_t(203)})  // 203: 12-row tiles, 8 + 2 + 1
       for (const index_t n : {index_t(33), index_t(130), index_t(600)}) {
         CAPTURE(m, n, k);
         RowMatrix<float> A(m, k), B(k, n), C(m, n);
