@@ -1,7 +1,7 @@
 // Forward (merged vs unmerged; BM_forward_pair: the two on one buffer of W,
 // what the unmerged-overhead ratio should be read from; BM_forward_packed: a
 // PackedMatrix base), merge and unmerge at
-// in = out = 4096, fp32, and static vs dynamic rank. Ratios are what to read: every case of one run shares
+// in = out = 4096 (LORA_BENCH_DIM: best_time.hpp), fp32, and static vs dynamic rank. Ratios are what to read: every case of one run shares
 // the machine's state. Summarise with bench/ratios.py.
 // Sweeps for docs/img (bench/plot.sh): BM_sweep_{merged,unmerged,eigen} over
 // n = 1..256 at r = 8 (eigen: plain `Y = X W^T`, Eigen's own product and
@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr lora::index_t kDim = 4096;
+const lora::index_t kDim = lora_bench::dim();
 
 const lora::RowMatrix<float>& base_weight() {
   static const lora::RowMatrix<float> W = lora::RowMatrix<float>::Random(kDim, kDim);

@@ -1,5 +1,5 @@
 // Training step (forward + backward for A, B and X) of one adapted layer,
-// in = out = 4096, against the minimal GEMM work it implies: the two dense
+// in = out = 4096 (LORA_BENCH_DIM: best_time.hpp), against the minimal GEMM work it implies: the two dense
 // products X W^T (forward) and G W (dX), timed by plain Eigen in the same run,
 // interleaved with the step so both see the same machine state. They read the
 // layer's own copy of W: a second 64 MiB copy would double the loop's working
@@ -22,7 +22,7 @@ namespace {
 using lora::index_t;
 using Mat = lora::RowMatrix<float>;
 namespace train = lora::train;
-constexpr index_t kDim = 4096;
+const index_t kDim = lora_bench::dim();
 
 // The step of `layer` against `ref(X, G, Yr, dXr)`, the two base products alone
 // on the layer's own weight (no second 64 MiB copy in the loop's working set).
@@ -54,7 +54,7 @@ void train_step(benchmark::State& state, Layer& layer, Ref&& reference) {
   state.counters["ref_ms"] = 1e3 * ref_s / iters;
   state.counters["ratio"] = step_s / ref_s;
   best.report(state);  // the fastest step (best_time.hpp)
-  state.SetLabel("in=out=4096 r=" + std::to_string(layer.rank()) + " n=" + std::to_string(n));
+  state.SetLabel("in=out=" + std::to_string(kDim) + " r=" + std::to_string(layer.rank()) + " n=" + std::to_string(n));
 }
 
 Mat base_weight() {

@@ -12,8 +12,26 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 
 namespace lora_bench {
+
+/// in = out of the layer benchmarks (bench_forward, bench_train): 4096, or
+/// LORA_BENCH_DIM (bench/compare.sh passes it; 8192 for a W past the L3 of
+/// most hosts). A value that is not a whole number from 64 to 65536 stops the
+/// program with a message rather than benchmarking something else.
+inline long dim() {
+  const char* s = std::getenv("LORA_BENCH_DIM");
+  if (s == nullptr || *s == '\0') return 4096;
+  char* end = nullptr;
+  const long d = std::strtol(s, &end, 10);
+  if (*end != '\0' || d < 64 || d > 65536) {
+    std::fprintf(stderr, "LORA_BENCH_DIM=%s: expected a whole number from 64 to 65536\n", s);
+    std::exit(2);
+  }
+  return d;
+}
 
 class BestTime {
  public:

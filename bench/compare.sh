@@ -31,6 +31,8 @@
 #   LORA_BENCH_OUT     where the JSON files go (default: build/bench-compare)
 #   LORA_BENCH_ROUNDS  rounds (default 3)
 #   LORA_BENCH_SWEEP   1: also the n and r sweeps, both sides (input of bench/plot.sh)
+#   LORA_BENCH_DIM     in = out of the forward, merge and step cases, both sides
+#                      (default 4096; 8192: a 256 MiB W, past most hosts' L3)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 threads=${1:-2}
@@ -46,6 +48,8 @@ fi
 out=${LORA_BENCH_OUT:-$root/build/bench-compare}
 rounds=${LORA_BENCH_ROUNDS:-3}
 sweep=${LORA_BENCH_SWEEP:-0}
+dim=${LORA_BENCH_DIM:-4096}
+export LORA_BENCH_DIM=$dim
 core=${LORA_BENCH_OPENBLAS_CORE:-SkylakeX}
 mkdir -p "$out"
 rm -f "$out"/*.json
@@ -57,6 +61,7 @@ export OMP_NUM_THREADS=$threads
   # The caches decide whether a 4096^2 W (64 MiB) streams from L3 or from DRAM.
   echo "caches: $(lscpu | sed -n 's/^\(L[23]\) cache: *\(.*\)/\1 \2/p' | paste -sd ';' | sed 's/;/; /g')"
   echo "threads: $threads"
+  echo "dim: $dim"
   echo "torch python: $py"
   echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE-<unset>} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE-<unset>}"
 } > "$out/env.txt"
@@ -93,9 +98,9 @@ for ((k = 1; k <= rounds; ++k)); do
   if [[ -x "$bin/bench_train_openblas" ]]; then
     OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$core} gb "$bin/bench_train_openblas" > "$out/train_openblas.$k.json"
   fi
-  "$py" "$root/bench/compare_torch.py" --threads "$threads" "${sweep_arg[@]}" > "$out/torch_env.$k.json"
+  "$py" "$root/bench/compare_torch.py" --threads "$threads" --dim "$dim" "${sweep_arg[@]}" > "$out/torch_env.$k.json"
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$py" "$root/bench/compare_torch.py" --threads "$threads" \
-    > "$out/torch_unset.$k.json"
+    --dim "$dim" > "$out/torch_unset.$k.json"
 done
 
 python3 "$root/bench/compare_report.py" "$out"

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-D = 4096
+D = 4096  # in = out of the layer cases; env.txt's "dim:" line (LORA_BENCH_DIM) replaces it
 UNIT = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -61,12 +61,21 @@ def main():
     files = lambda pattern: sorted(glob.glob(os.path.join(out, pattern)))
     env = open(os.path.join(out, "env.txt")).read().strip()
     print("```\n" + env + "\n```\n")
+    global D
+    m = re.search(r"^dim: (\d+)$", env, re.M)
+    D = int(m.group(1)) if m else 4096
 
     # ---- limits -------------------------------------------------------------
     eigen_limits = gbench(files("limits.eigen.*.json"))
     gbs = lambda key: max(b["GB/s"] for k, (ms, b) in eigen_limits.items() if k.startswith(key)) / 1e9
     l3_read, l3_update = gbs("l3_read"), gbs("l3_update")
     dram_read, dram_scale = gbs("dram_read"), gbs("dram_scale")
+    # The bandwidth a layer's W streams at: the L3's where W fits the 64 MiB the
+    # L3 limits were measured with (D <= 4096), else DRAM's.
+    in_l3 = 4 * D * D <= 64 << 20
+    read_bw, read_name = (l3_read, "L3 read") if in_l3 else (dram_read, "DRAM read")
+    update_bw, update_name = (l3_update, "L3 update") if in_l3 else (dram_scale, "DRAM read + write")
+    PD = min(D, 4096)  # compare_torch.py's SGEMM peak size
     libs = {}
     for path in files("limits.*.json"):
         lib = os.path.basename(path).split(".")[1]
@@ -80,9 +89,9 @@ def main():
         gemm[lib] = (peak, shape)
     t_env, meta = torch_runs(files("torch_env.*.json"))
     t_uns, _ = torch_runs(files("torch_unset.*.json"))
-    if f"sgemm_peak/d:{D}" in t_env:
+    if f"sgemm_peak/d:{PD}" in t_env:
         gemm[f"torch {meta.get('torch_version', '?')} ({meta.get('blas', '?')}, not through Eigen)"] = (
-            2.0 * D**3 / (t_env[f"sgemm_peak/d:{D}"] * 1e6),
+            2.0 * PD**3 / (t_env[f"sgemm_peak/d:{PD}"] * 1e6),
             2.0 * 256 * D * D / (t_env["sgemm_forward_shape/n:256"] * 1e6))
     eigen_linkable = {k: v for k, v in gemm.items() if not k.startswith("torch")}
     best_lib = max(eigen_linkable, key=lambda k: eigen_linkable[k][0])
@@ -97,7 +106,8 @@ def main():
     for lib, (p, s) in gemm.items():
         mark = " **(best through Eigen: the peak below)**" if lib == best_lib else ""
         name = "eigen or lora's packed kernel (the faster)" if lib == "eigen" else lib
-        print(f"| SGEMM {name}: 2048^3 / 4096^3 best; 256 x 4096 x 4096 | {p:.0f} GFLOP/s; {s:.0f} GFLOP/s{mark} |")
+        shape = "256 x 4096 x 4096" if lib == "eigen" or not lib.startswith("torch") else f"256 x {D} x {D}"
+        print(f"| SGEMM {name}: 2048^3 / 4096^3 best; {shape} | {p:.0f} GFLOP/s; {s:.0f} GFLOP/s{mark} |")
     print()
 
     lora = gbench(files("lora.*.json"))
@@ -115,12 +125,12 @@ def main():
         return f"**{pct:.0f}% (above the limit)**"
 
     def limit_ms(n, r=0):
-        mem = 4.0 * (D * D + 2 * r * D) / (l3_read * 1e9) * 1e3
+        mem = 4.0 * (D * D + 2 * r * D) / (read_bw * 1e9) * 1e3
         flops = 2.0 * n * D * D / (peak * 1e9) * 1e3
         return max(mem, flops), mem, flops
 
     # ---- forward --------------------------------------------------------------
-    print("### Forward, in = out = 4096 (lora ms; limit = max(W bytes / L3 read, flops / peak SGEMM))\n")
+    print(f"### Forward, in = out = {D} (lora ms; limit = max(W bytes / {read_name}, flops / peak SGEMM))\n")
     print("unmerged / merged: from BM_forward_pair (both on one buffer of W, best of its iterations) "
           "where the run has it.\n")
     print("| r | n | merged ms | unmerged ms | unmerged / merged | target | met | unmerged % of limit "
@@ -151,7 +161,8 @@ def main():
     print()
 
     # ---- merge ----------------------------------------------------------------
-    print("### Merge + unmerge (per op = half the pair; limit = max(8 d^2 bytes / L3 update, 2 r d^2 / peak))\n")
+    print(f"### Merge + unmerge, d = {D} (per op = half the pair; limit = max(8 d^2 bytes / {update_name}, "
+          "2 r d^2 / peak))\n")
     print("| r | per op ms | limit ms | per op / limit | target | met | torch per op ms (env) | torch / lora |")
     print("|---|---|---|---|---|---|---|---|")
     for r in (1, 8, 64):
@@ -159,7 +170,7 @@ def main():
         if mu is None:
             continue
         per = mu[0] / 2
-        lim = max(8.0 * D * D / (l3_update * 1e9), 2.0 * r * D * D / (peak * 1e9)) * 1e3
+        lim = max(8.0 * D * D / (update_bw * 1e9), 2.0 * r * D * D / (peak * 1e9)) * 1e3
         te = t_env.get(f"merge_unmerge/r:{r}")
         print(f"| {r} | {per:.3f} | {lim:.3f} | {per / lim:.2f} | <= 1.3 | {'yes' if per / lim <= 1.3 else 'no'} "
               f"| {fmt(te and te / 2)} | {fmt(te and te / mu[0], '.2f')} |")
@@ -167,7 +178,8 @@ def main():
 
     # ---- training step --------------------------------------------------------
     if train:
-        print("### Training step (forward + backward for A, B, X; min GEMM = the two plain Eigen GEMMs, same run)\n")
+        print(f"### Training step, in = out = {D} (forward + backward for A, B, X; min GEMM = the two plain Eigen "
+              "GEMMs, same run)\n")
         print("| r | n | lora ms | min GEMM ms | ratio | % of peak (4 n d^2 flops) | torch ms (env) | torch / lora |")
         print("|---|---|---|---|---|---|---|---|")
         for key, (ms, b) in sorted(train.items(), key=lambda kv: [int(v) for v in re.findall(r"\d+", kv[0])]):
@@ -185,7 +197,7 @@ def main():
     packed_fwd = {k: v for k, v in lora.items() if k.startswith("forward_packed/")}
     packed_step = {k: v for k, v in train.items() if k.startswith("train_step_packed<")}
     if packed_fwd or packed_step:
-        print("### PackedMatrix base (W packed once for lora's own GEMM kernels; same run)\n")
+        print(f"### PackedMatrix base, in = out = {D} (W packed once for lora's own GEMM kernels; same run)\n")
         print("| case | lora ms (plain W) | lora ms (packed W) | plain / packed | torch ms (env) | torch / packed |")
         print("|---|---|---|---|---|---|")
         for r in (8, 64):
@@ -234,7 +246,7 @@ def main():
                 continue
             per = mu[0] / 2
             base = lora.get(f"merge_unmerge/r:{r}", (None,))[0]
-            lim = max(8.0 * D * D / (l3_update * 1e9), 2.0 * r * D * D / (peak * 1e9)) * 1e3
+            lim = max(8.0 * D * D / (update_bw * 1e9), 2.0 * r * D * D / (peak * 1e9)) * 1e3
             te = t_env.get(f"merge_unmerge/r:{r}")
             print(f"| merge r = {r} (per op) | {fmt(base and base / 2)} | {per:.3f} | {fmt(base and base / mu[0], '.2f')} "
                   f"| {per / lim:.2f}x limit | <= 1.3x | {'yes' if per / lim <= 1.3 else 'no'} | {fmt(te and te / 2)} "
