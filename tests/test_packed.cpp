@@ -79,10 +79,14 @@ TEST_CASE("PackedMatrix packs W into panels of 32 rows and unpacks it exactly", 
 
 TEST_CASE("Packed products equal long-double loops for every tail of tokens, panels and depth", "[packed]") {
   // Depths across the 256-deep blocks; token counts across the 12-token tiles
-  // and their 8/4/2/1 tails; outputs across 32-row panels; alpha and beta.
+  // and their 8/4/2/1 tails; outputs across 32-row panels; alpha and beta. The
+  // backward's token panels: one vector (n <= 16 with AVX-512; its columns in
+  // tiles of 24, then 16/8/4/2/1: in = 259 on two threads leaves 139 = 5 x 24
+  // + 16 + 2 + 1) or 32 tokens (n = 17, 31, 40).
   for (const index_t in : {index_t(1), index_t(7), index_t(259), index_t(600)})
     for (const index_t out : {index_t(1), index_t(31), index_t(33), index_t(70)})
-      for (const index_t n : {index_t(0), index_t(1), index_t(2), index_t(5), index_t(13), index_t(31), index_t(40)}) {
+      for (const index_t n : {index_t(0), index_t(1), index_t(2), index_t(5), index_t(13), index_t(16), index_t(17),
+                              index_t(31), index_t(40)}) {
         CAPTURE(n, out, in);
         RowMatrix<float> W(out, in), X(n, in), G(n, out), Y(n, out), D(n, in);
         support::fill(W, 3);

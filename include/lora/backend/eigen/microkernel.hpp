@@ -35,9 +35,14 @@ using V = S::type;
 inline constexpr index_t panel = 32;
 /// Vectors per panel row of 32 floats (2 with AVX-512).
 inline constexpr int vecs = int(panel) / S::width;
-/// Tokens (forward) or input columns (backward) per tile: 3/4 of the vector
-/// registers hold accumulators (AVX-512: 12 x 2 of 32; AVX2: 3 x 4 of 16).
-inline constexpr int tile_rows = std::max(1, (skinny::simd_bytes == 64 ? 24 : 12) / vecs);
+/// Tile rows for rows of Vecs vectors: up to 3/4 of the vector registers hold
+/// accumulators (AVX-512: 12 x 2 or 16 x 1; AVX2: 3 x 4 of 16). At most 16
+/// rows: GCC peels loops of up to 16 trips whole, and a 24-row tile's
+/// accumulators stayed in memory (a load, FMA and store per step: half speed).
+template <int Vecs>
+inline constexpr int rows_for = std::min(16, std::max(1, (skinny::simd_bytes == 64 ? 24 : 12) / Vecs));
+/// Tokens (forward) or input columns (backward) per tile of 32-float rows.
+inline constexpr int tile_rows = rows_for<vecs>;
 /// Depth per block: a tile's broadcast operand (tile_rows x 256 floats, 12 KiB)
 /// stays in L1 while a block of panels (16 x 256 x 32 floats, 512 KiB) stays in L2.
 inline constexpr index_t depth_block = 256;
@@ -56,46 +61,46 @@ LORA_FORCE_INLINE V fma(float s, V w, V acc) {
 }
 
 /// One step q of tile(): acc[t][:] += b(t, q) * v(q).
-template <int M>
-LORA_FORCE_INLINE void step(V (&acc)[M][vecs], const float* __restrict b, index_t bs, index_t bt,
+template <int M, int Vecs>
+LORA_FORCE_INLINE void step(V (&acc)[M][Vecs], const float* __restrict b, index_t bs, index_t bt,
                             const float* __restrict v, index_t vs, index_t q) {
-  V w[vecs];
-  for (int u = 0; u < vecs; ++u) w[u] = S::load(v + q * vs + u * S::width);
+  V w[Vecs];
+  for (int u = 0; u < Vecs; ++u) w[u] = S::load(v + q * vs + u * S::width);
   for (int t = 0; t < M; ++t) {
     const float s = b[q * bs + t * bt];
-    for (int u = 0; u < vecs; ++u) acc[t][u] = fma(s, w[u], acc[t][u]);
+    for (int u = 0; u < Vecs; ++u) acc[t][u] = fma(s, w[u], acc[t][u]);
   }
 }
 
 /// out[t][:] = sum over `segments` runs of `depth` steps q of b(t, q) * v(q),
-/// v(q) = 32 contiguous floats at v + q * vs (runs follow one another in v;
-/// vs = 32 in a packed panel, a row stride in a plain row-major matrix),
+/// v(q) = Vecs vectors (32 floats by default) at v + q * vs (runs follow one
+/// another in v; vs = 32 in a packed panel, a row stride in a plain matrix),
 /// b(t, q) = b[q * bs + t * bt] (broadcast), b advancing by b_next per run.
 /// The accumulators are this function's locals, written out once at fixed
 /// indices: held across calls or indexed at run time, GCC kept them in memory
 /// and stored all 24 on every step (half speed). One or two rows (a token or
 /// two) take 4 or 2 independent chains: with 2 or 4 accumulators the FMA's
 /// latency, not its throughput, would bound the stream of W.
-template <int M>
+template <int M, int Vecs = vecs>
 LORA_FORCE_INLINE void tile(const float* __restrict b, index_t bs, index_t bt, index_t b_next,
                             const float* __restrict v, index_t vs, index_t depth, index_t segments,
-                            float (&out)[M][panel]) {
+                            float (&out)[M][Vecs * S::width]) {
   constexpr int C = M == 1 ? 4 : M == 2 ? 2 : 1;
-  V acc[C][M][vecs];
+  V acc[C][M][Vecs];
   for (int c = 0; c < C; ++c)
     for (int t = 0; t < M; ++t)
-      for (int u = 0; u < vecs; ++u) acc[c][t][u] = V{};
+      for (int u = 0; u < Vecs; ++u) acc[c][t][u] = V{};
   for (index_t sg = 0; sg < segments; ++sg, b += b_next, v += depth * vs) {
     index_t q = 0;
     for (; q + C <= depth; q += C)
-      for (int c = 0; c < C; ++c) step<M>(acc[c], b, bs, bt, v, vs, q + c);
-    for (; q < depth; ++q) step<M>(acc[0], b, bs, bt, v, vs, q);
+      for (int c = 0; c < C; ++c) step<M, Vecs>(acc[c], b, bs, bt, v, vs, q + c);
+    for (; q < depth; ++q) step<M, Vecs>(acc[0], b, bs, bt, v, vs, q);
   }
   for (int c = 1; c < C; ++c)
     for (int t = 0; t < M; ++t)
-      for (int u = 0; u < vecs; ++u) acc[0][t][u] += acc[c][t][u];
+      for (int u = 0; u < Vecs; ++u) acc[0][t][u] += acc[c][t][u];
   for (int t = 0; t < M; ++t)
-    for (int u = 0; u < vecs; ++u) std::memcpy(out[t] + u * S::width, &acc[0][t][u], sizeof(V));
+    for (int u = 0; u < Vecs; ++u) std::memcpy(out[t] + u * S::width, &acc[0][t][u], sizeof(V));
 }
 
 /// dst[j] = beta dst[j] + alpha src[j] for j < width; beta = 0 does not read
@@ -117,19 +122,23 @@ LORA_FORCE_INLINE void update_row(float* dst, const float* src, index_t width, f
   }
 }
 
-/// f.template operator()<M>(offset, M) over [0, count) in tiles of tile_rows,
-/// the rest in tiles of 8, 4, 2, 1 (no padding work for a few tokens).
-template <class F>
+/// f.template operator()<M>(offset) over [0, count) in tiles of Rows (12 by
+/// default, or 24), the rest in tiles of 16, 8, 4, 2, 1 below it (no padding
+/// work for a few tokens).
+template <int Rows = tile_rows, class F>
 LORA_FORCE_INLINE void for_tiles(index_t count, F&& f) {
+  static_assert(Rows < 32, "the tails below cover up to 31 rows");
   index_t i = 0;
-  for (; i + tile_rows <= count; i += tile_rows) f.template operator()<tile_rows>(i);
-  if constexpr (tile_rows > 8)
+  for (; i + Rows <= count; i += Rows) f.template operator()<Rows>(i);
+  if constexpr (Rows > 16)
+    if (i + 16 <= count) f.template operator()<16>(i), i += 16;
+  if constexpr (Rows > 8)
     if (i + 8 <= count) f.template operator()<8>(i), i += 8;
-  if constexpr (tile_rows > 4)
+  if constexpr (Rows > 4)
     if (i + 4 <= count) f.template operator()<4>(i), i += 4;
-  if constexpr (tile_rows > 2)
+  if constexpr (Rows > 2)
     if (i + 2 <= count) f.template operator()<2>(i), i += 2;
-  if constexpr (tile_rows > 1)
+  if constexpr (Rows > 1)
     if (i + 1 <= count) f.template operator()<1>(i), i += 1;
 }
 

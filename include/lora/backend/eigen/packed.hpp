@@ -209,57 +209,74 @@ inline void gemm_nt(const PackedMatrix& w, index_t r0, index_t nr, float alpha, 
   });
 }
 
-/// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr]; G [n, nr] and dX row-major
-/// with unit column stride.
-inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* g, index_t ldg,
-                    index_t n, float beta, float* dx, index_t lddx) {
+/// gemm_nn below with the tokens as the vector lanes, Lanes of them per
+/// token panel (32: two vectors; one vector's width for a few tokens).
+template <int Lanes>
+void gemm_nn_lanes(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* g, index_t ldg,
+                   index_t n, float beta, float* dx, index_t lddx) {
+  constexpr int Vecs = Lanes / S::width;
+  static_assert(Vecs >= 1 && Lanes % S::width == 0, "token panels are whole vectors");
   const index_t k = w.cols();
-  if (n == 0 || k == 0) return;
-  if (nr == 0) return scale_rows(beta, dx, lddx, n, k);
   const index_t p_first = r0 / panel, p_last = (r0 + nr + panel - 1) / panel, r1 = r0 + nr;
   constexpr index_t block_panels = depth_block / panel;
-  const index_t tps = (n + panel - 1) / panel;  // panels of 32 tokens
+  const index_t tps = (n + Lanes - 1) / Lanes;  // panels of Lanes tokens
   const index_t ob_max = std::min(block_panels, p_last - p_first);
   thread_local std::vector<float, Eigen::aligned_allocator<float>> gbuf, dbuf;
-  float* gt = scratch(gbuf, tps * ob_max * panel * panel);  // G^T block: [token panel][o][32 tokens]
-  float* dt = scratch(dbuf, tps * k * panel);               // dX^T: [token panel][i][32 tokens]
+  float* gt = scratch(gbuf, tps * ob_max * panel * Lanes);  // G^T block: [token panel][o][Lanes tokens]
+  float* dt = scratch(dbuf, tps * k * Lanes);               // dX^T: [token panel][i][Lanes tokens]
 
   parallel(2.0 * double(n) * double(nr) * double(k), [&](int th, int nt) {
     index_t ia, ib;
-    share(k, tile_rows, th, nt, ia, ib);
+    share(k, rows_for<Vecs>, th, nt, ia, ib);
     for (index_t pb0 = p_first; pb0 < p_last; pb0 += block_panels) {
       const index_t pb1 = std::min(p_last, pb0 + block_panels), depth = (pb1 - pb0) * panel;
       const bool first = pb0 == p_first;
       index_t ta, tb;
       share(tps, 1, th, nt, ta, tb);
       for (index_t tp = ta; tp < tb; ++tp)
-        for (index_t t = 0; t < panel; ++t) {
-          const index_t tok = tp * panel + t;
-          float* dst = gt + tp * depth * panel + t;
+        for (index_t t = 0; t < Lanes; ++t) {
+          const index_t tok = tp * Lanes + t;
+          float* dst = gt + tp * depth * Lanes + t;
           const index_t o0 = pb0 * panel;
           for (index_t q = 0; q < depth; ++q) {
             const index_t o = o0 + q;
-            dst[q * panel] = tok < n && o >= r0 && o < r1 ? g[tok * ldg + (o - r0)] : 0.0f;
+            dst[q * Lanes] = tok < n && o >= r0 && o < r1 ? g[tok * ldg + (o - r0)] : 0.0f;
           }
         }
       sync(nt);  // G^T's block is complete
-      for_tiles(ib - ia, [&]<int M>(index_t off) {
+      for_tiles<rows_for<Vecs>>(ib - ia, [&]<int M>(index_t off) {
         const index_t i = ia + off;
         for (index_t tp = 0; tp < tps; ++tp) {
-          float out[M][panel];  // the block's panels in turn: b(t, j) = P[p][i + t][j]
-          tile<M>(w.panel(pb0) + i * panel, 1, panel, k * panel, gt + tp * depth * panel, panel, panel, pb1 - pb0,
-                  out);
-          for (int t = 0; t < M; ++t) update_row(dt + (tp * k + i + t) * panel, out[t], panel, 1.0f, first ? 0.0f : 1.0f);
+          float out[M][Lanes];  // the block's panels in turn: b(t, j) = P[p][i + t][j]
+          tile<M, Vecs>(w.panel(pb0) + i * panel, 1, panel, k * panel, gt + tp * depth * Lanes, Lanes, panel,
+                        pb1 - pb0, out);
+          for (int t = 0; t < M; ++t) update_row(dt + (tp * k + i + t) * Lanes, out[t], Lanes, 1.0f, first ? 0.0f : 1.0f);
         }
       });
       sync(nt);  // before the next block of G^T is packed
     }
     for (index_t tok = 0; tok < n; ++tok) {  // dX (tok, i) from dX^T, this thread's columns
       float* d = dx + tok * lddx;
-      const float* src = dt + (tok / panel) * k * panel + tok % panel;
-      for (index_t i = ia; i < ib; ++i) d[i] = (beta == 0.0f ? 0.0f : beta * d[i]) + alpha * src[i * panel];
+      const float* src = dt + (tok / Lanes) * k * Lanes + tok % Lanes;
+      for (index_t i = ia; i < ib; ++i) d[i] = (beta == 0.0f ? 0.0f : beta * d[i]) + alpha * src[i * Lanes];
     }
   });
+}
+
+/// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr]; G [n, nr] and dX row-major
+/// with unit column stride. The tokens are the vector lanes: up to one
+/// vector's width of tokens (16 with AVX-512) take panels of one vector and
+/// tiles of 24 columns, not half-empty panels of 32 (at 16 tokens the 32-lane
+/// kernel cost what 32 tokens cost).
+inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* g, index_t ldg,
+                    index_t n, float beta, float* dx, index_t lddx) {
+  const index_t k = w.cols();
+  if (n == 0 || k == 0) return;
+  if (nr == 0) return scale_rows(beta, dx, lddx, n, k);
+  if (n <= S::width && S::width < int(panel))
+    gemm_nn_lanes<S::width>(w, r0, nr, alpha, g, ldg, n, beta, dx, lddx);
+  else
+    gemm_nn_lanes<int(panel)>(w, r0, nr, alpha, g, ldg, n, beta, dx, lddx);
 }
 
 /// D [nr, in] = beta D + alpha W[r0 : r0 + nr] (row-major D with unit column stride).
