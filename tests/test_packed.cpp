@@ -81,8 +81,8 @@ TEST_CASE("Packed products equal long-double loops for every tail of tokens, pan
   // Depths across the 256-deep blocks; token counts across the 12-token tiles
   // and their 8/4/2/1 tails; outputs across 32-row panels; alpha and beta. The
   // backward's token panels: one vector (n <= 16 with AVX-512; its columns in
-  // tiles of 24, then 16/8/4/2/1: in = 259 on two threads leaves 139 = 5 x 24
-  // + 16 + 2 + 1) or 32 tokens (n = 17, 31, 40).
+  // tiles of 16, then 8/4/2/1: in = 259 on two threads leaves 131 = 8 x 16 +
+  // 2 + 1) or 32 tokens (n = 17, 31, 40).
   for (const index_t in : {index_t(1), index_t(7), index_t(259), index_t(600)})
     for (const index_t out : {index_t(1), index_t(31), index_t(33), index_t(70)})
       for (const index_t n : {index_t(0), index_t(1), index_t(2), index_t(5), index_t(13), index_t(16), index_t(17),

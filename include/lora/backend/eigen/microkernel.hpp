@@ -123,15 +123,13 @@ LORA_FORCE_INLINE void update_row(float* dst, const float* src, index_t width, f
 }
 
 /// f.template operator()<M>(offset) over [0, count) in tiles of Rows (12 by
-/// default, or 24), the rest in tiles of 16, 8, 4, 2, 1 below it (no padding
-/// work for a few tokens).
+/// default, or 16), the rest in tiles of 8, 4, 2, 1 below it (no padding work
+/// for a few tokens).
 template <int Rows = tile_rows, class F>
 LORA_FORCE_INLINE void for_tiles(index_t count, F&& f) {
-  static_assert(Rows < 32, "the tails below cover up to 31 rows");
+  static_assert(Rows <= 16, "the tails below cover up to 15 rows");
   index_t i = 0;
   for (; i + Rows <= count; i += Rows) f.template operator()<Rows>(i);
-  if constexpr (Rows > 16)
-    if (i + 16 <= count) f.template operator()<16>(i), i += 16;
   if constexpr (Rows > 8)
     if (i + 8 <= count) f.template operator()<8>(i), i += 8;
   if constexpr (Rows > 4)
