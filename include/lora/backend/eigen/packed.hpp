@@ -266,7 +266,7 @@ void gemm_nn_lanes(const PackedMatrix& w, index_t r0, index_t nr, float alpha, c
 /// dX [n, in] = beta dX + alpha G W[r0 : r0 + nr]; G [n, nr] and dX row-major
 /// with unit column stride. The tokens are the vector lanes: up to one
 /// vector's width of tokens (16 with AVX-512) take panels of one vector and
-/// tiles of 24 columns, not half-empty panels of 32 (at 16 tokens the 32-lane
+/// tiles of 16 columns, not half-empty panels of 32 (at 16 tokens the 32-lane
 /// kernel cost what 32 tokens cost).
 inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* g, index_t ldg,
                     index_t n, float beta, float* dx, index_t lddx) {
