@@ -233,3 +233,36 @@ TEST_CASE("Rank updates C = beta C + alpha A B through the outer-product micro-k
   CHECK(big.leftCols(5).array().isNaN().all());
   CHECK(big.rightCols(5).array().isNaN().all());
 }
+
+TEST_CASE("Many-token products over a plain fp32 W go through the micro-kernel, W packed per call", "[packed][forward]") {
+  // n past the skinny kernel's 128 tokens and W at least 256 x 256
+  // (LORA_EIGEN_PACKED_FORWARD_MIN_SIZE): 300 rows are 9 whole panels and one
+  // of 12 rows; depth 531 is two 256-deep blocks and one of 19, whose 16-wide
+  // register-transposed blocks leave a 3-column tail. alpha, beta, beta = 0
+  // over NaN, and Y a column block of a wider matrix.
+  const index_t m = 300, k = 531;
+  RowMatrix<float> W(m, k);
+  support::fill(W, 31);
+  for (const index_t n : {index_t(129), index_t(200)})
+    for (const float beta : {0.0f, 2.0f}) {
+      CAPTURE(n, beta);
+      RowMatrix<float> X(n, k), big(n, m + 7);
+      support::fill(X, 32);
+      support::fill(big, 33);
+      if (beta == 0.0f) big.setConstant(std::nanf(""));
+      const RowMatrix<float> Y0 = big.middleCols(3, m);
+      auto Y = big.middleCols(3, m);
+      lora::EigenBackend::gemm_nt(0.5f, X, W, beta, Y);
+      CHECK(support::rel_err(Y, ref_nt(W, 0, m, 0.5f, X, beta, Y0)) <= bound(k));
+      if (beta == 0.0f) {
+        CHECK(big.leftCols(3).array().isNaN().all());
+        CHECK(big.rightCols(4).array().isNaN().all());
+      }
+    }
+  // Past 1024 tokens the rows go in chunks of 1024 (W packed again for each).
+  RowMatrix<float> W2(256, 256), X2(1030, 256), Y2(1030, 256), Z2 = RowMatrix<float>::Zero(1030, 256);
+  support::fill(W2, 34);
+  support::fill(X2, 35);
+  lora::EigenBackend::gemm_nt(1.0f, X2, W2, 0.0f, Y2);
+  CHECK(support::rel_err(Y2, ref_nt(W2, 0, 256, 1.0f, X2, 0.0f, Z2)) <= bound(256));
+}

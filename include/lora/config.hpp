@@ -70,6 +70,15 @@
 // 2 threads, fp32 against the panel kernel: 1 row 1.4x faster, 16 rows 1.6-1.9x,
 // 32 rows 1.3-1.8x, 64 rows as fast as Eigen's GEMM (so 32 stays the limit).
 // 0 disables it.
+// fp32 products Y = X W^T past the skinny kernel's tokens, with W at least
+// this many rows and columns, go to lora's micro-kernel with W packed per call
+// (microkernel.hpp, gemm_nt_plain) instead of Eigen's GEMM: 4096^2, 2 threads,
+// n = 129..1024 0.96-1.25x Eigen's time, 8192^2 n = 256 1.17x. Smaller ones
+// (the adapter's X A^T, H B^T) stay with Eigen.
+#ifndef LORA_EIGEN_PACKED_FORWARD_MIN_SIZE
+#define LORA_EIGEN_PACKED_FORWARD_MIN_SIZE 256
+#endif
+
 #ifndef LORA_EIGEN_PANEL_MAX_ROWS
 #define LORA_EIGEN_PANEL_MAX_ROWS 32
 #endif

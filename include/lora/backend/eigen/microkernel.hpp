@@ -14,6 +14,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -229,6 +230,129 @@ inline void rank_update(index_t m, index_t n, index_t k, float alpha, const floa
       });
     }
   });
+}
+
+/// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T through the micro-kernel
+/// (X [n, k] and Y row-major, unit column stride), W's rows as 32-row panels:
+/// panels(p0, p1, k0, kc) gives panels [p0, p1) over depth [k0, k0 + kc) as
+/// (pointer to panel p0's block, floats from one panel's block to the next),
+/// each block laid out [q][32]. X is packed once per call ([tile][q][12]);
+/// then each thread takes its share of panels, in depth blocks of `block`
+/// and groups of panel_block panels that stay in L2 while every token tile
+/// passes over them. PackedMatrix (packed.hpp) passes its stored panels; a
+/// plain W packs each group as it comes (gemm_nt_plain below).
+template <class Panels>
+void forward_panels(Panels&& panels, index_t k, index_t r0, index_t nr, index_t block, float alpha, const float* x,
+                    index_t ldx, index_t n, float beta, float* y, index_t ldy) {
+  if (n == 0 || nr == 0) return;
+  if (k == 0) return scale_rows(beta, y, ldy, n, nr);
+  const index_t p_first = r0 / panel, p_last = (r0 + nr + panel - 1) / panel, r1 = r0 + nr;
+  const index_t tiles = (n + tile_rows - 1) / tile_rows;
+  thread_local std::vector<float, Eigen::aligned_allocator<float>> xbuf;
+  float* xp = scratch(xbuf, tiles * tile_rows * k);  // X as [tile][q][tile_rows], zero rows past n
+
+  parallel(2.0 * double(n) * double(nr) * double(k), [&](int th, int nt) {
+    index_t ta, tb;
+    share(tiles, 1, th, nt, ta, tb);
+    for (index_t tt = ta; tt < tb; ++tt)
+      for (index_t t = 0; t < tile_rows; ++t) {
+        const index_t row = tt * tile_rows + t;
+        float* dst = xp + tt * tile_rows * k + t;
+        if (row < n) {
+          const float* src = x + row * ldx;
+          for (index_t q = 0; q < k; ++q) dst[q * tile_rows] = src[q];
+        } else {
+          for (index_t q = 0; q < k; ++q) dst[q * tile_rows] = 0.0f;
+        }
+      }
+    sync(nt);  // X is packed; from here on the threads never wait
+    index_t pa, pb;
+    share(p_last - p_first, 1, th, nt, pa, pb);
+    pa += p_first;
+    pb += p_first;
+    for (index_t k0 = 0; k0 < k; k0 += block) {
+      const index_t kc = std::min(block, k - k0);
+      const bool first = k0 == 0;
+      for (index_t p0 = pa; p0 < pb; p0 += panel_block) {
+        const index_t p1 = std::min(pb, p0 + panel_block);
+        const auto [base, stride] = panels(p0, p1, k0, kc);
+        for (index_t tt = 0; tt < tiles; ++tt) {
+          const index_t rows = std::min<index_t>(tile_rows, n - tt * tile_rows);
+          const float* xt = xp + tt * tile_rows * k + k0 * tile_rows;
+          for (index_t p = p0; p < p1; ++p) {
+            const float* wp = base + (p - p0) * stride;
+            const index_t o0 = p * panel, lo = std::max(r0, o0), hi = std::min(r1, o0 + panel);
+            for_tiles(rows, [&]<int M>(index_t off) {
+              float out[M][panel];
+              tile<M>(xt + off, tile_rows, 1, 0, wp, panel, kc, 1, out);
+              // Columns [lo, hi) of the panel (all 32 but at a slice's edges);
+              // the first depth block applies beta, the later ones add.
+              for (int t = 0; t < M; ++t)
+                update_row(y + (tt * tile_rows + off + t) * ldy + (lo - r0), out[t] + (lo - o0), hi - lo, alpha,
+                           first ? beta : 1.0f);
+            });
+          }
+        }
+      }
+    }
+  });
+}
+
+/// dst[(p - p0) kc 32 + 32 q + j] = W[32 p + j, k0 + q] for panels [p0, p1)
+/// and depth [k0, k0 + kc) of a row-major W [m, *], zero past row m: one
+/// group of panels in the micro-kernel's layout. Whole vector-square blocks go
+/// through Eigen's register transpose (16 x 16 with AVX-512); a plain loop
+/// did the whole of a 4096^2 W in 14 ms, 40 % of the product it feeds.
+inline void pack_panels(const float* w, index_t ldw, index_t m, index_t p0, index_t p1, index_t k0, index_t kc,
+                        float* dst) {
+  for (index_t p = p0; p < p1; ++p) {
+    float* d = dst + (p - p0) * kc * panel;
+    const index_t rows = std::min<index_t>(panel, m - p * panel);
+    index_t j0 = 0;
+#if defined(EIGEN_VECTORIZE_SSE)  // not in nvcc's passes (EIGEN_GPUCC), where Eigen's packets are scalars
+// A packet type (__m512) as a template argument drops its alignment
+// attribute, which is what Eigen's own kernels do too (they silence it alike).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+    using P = Eigen::internal::packet_traits<float>::type;
+    constexpr int L = Eigen::internal::unpacket_traits<P>::size;
+    for (; j0 + L <= rows; j0 += L) {
+      index_t q0 = 0;
+      for (; q0 + L <= kc; q0 += L) {
+        Eigen::internal::PacketBlock<P, L> b;
+        for (int i = 0; i < L; ++i) b.packet[i] = Eigen::internal::ploadu<P>(w + (p * panel + j0 + i) * ldw + k0 + q0);
+        Eigen::internal::ptranspose(b);
+        for (int i = 0; i < L; ++i) Eigen::internal::pstoreu(d + (q0 + i) * panel + j0, b.packet[i]);
+      }
+      for (index_t q = q0; q < kc; ++q)
+        for (index_t j = j0; j < j0 + L; ++j) d[q * panel + j] = w[(p * panel + j) * ldw + k0 + q];
+    }
+#pragma GCC diagnostic pop
+#endif
+    for (index_t q = 0; q < kc; ++q)
+      for (index_t j = j0; j < panel; ++j) d[q * panel + j] = j < rows ? w[(p * panel + j) * ldw + k0 + q] : 0.0f;
+  }
+}
+
+/// Y [n, m] = beta Y + alpha X W^T for a plain row-major W [m, k] and many
+/// tokens: forward_panels with each group of panels packed as it comes (each
+/// element of W once per 1024 tokens, into a per-thread buffer of 512 KiB that
+/// stays in L2 while every token tile uses it; chunks of 1024 tokens bound the
+/// packed copy of X). Eigen's GEMM packs W too, and its kernel ran slower
+/// (4096^2, 2 threads, one process interleaved: n = 129 / 256 / 512 / 1024
+/// 1.15 / 1.25 / 1.14 / 0.96-1.08x; 8192^2, n = 256: 1.17x).
+inline void gemm_nt_plain(const float* w, index_t ldw, index_t m, index_t k, float alpha, const float* x,
+                          index_t ldx, index_t n, float beta, float* y, index_t ldy) {
+  constexpr index_t chunk = 1024;
+  for (index_t t0 = 0; t0 < n; t0 += chunk)
+    forward_panels(
+        [&](index_t p0, index_t p1, index_t k0, index_t kc) {
+          thread_local std::vector<float, Eigen::aligned_allocator<float>> wbuf;
+          float* wb = scratch(wbuf, panel_block * depth_block * panel);
+          pack_panels(w, ldw, m, p0, p1, k0, kc, wb);
+          return std::pair<const float*, index_t>(wb, kc * panel);
+        },
+        k, 0, m, depth_block, alpha, x + t0 * ldx, ldx, std::min(chunk, n - t0), beta, y + t0 * ldy, ldy);
 }
 
 /// C [m, n] = beta C + alpha A [m, k] B [k, n] for a few rows m (up to a few

@@ -149,64 +149,16 @@ class PackedMatrix {
 namespace detail::packed {
 
 /// Y [n, nr] = beta Y + alpha X W[r0 : r0 + nr]^T; X [n, in] and Y row-major
-/// with unit column stride.
+/// with unit column stride. The panels are read where they are.
 inline void gemm_nt(const PackedMatrix& w, index_t r0, index_t nr, float alpha, const float* x, index_t ldx,
                     index_t n, float beta, float* y, index_t ldy) {
   const index_t k = w.cols();
-  if (n == 0 || nr == 0) return;
-  if (k == 0) return scale_rows(beta, y, ldy, n, nr);
-  const index_t p_first = r0 / panel, p_last = (r0 + nr + panel - 1) / panel, r1 = r0 + nr;
-  const index_t tiles = (n + tile_rows - 1) / tile_rows;
   // One tile of tokens: no depth blocks, so each panel streams from memory in
   // one run (X, at most 12 x in floats, stays in L2 anyway).
-  const index_t block = tiles == 1 ? k : depth_block;
-  thread_local std::vector<float, Eigen::aligned_allocator<float>> xbuf;
-  float* xp = scratch(xbuf, tiles * tile_rows * k);  // X as [tile][q][tile_rows], zero rows past n
-
-  parallel(2.0 * double(n) * double(nr) * double(k), [&](int th, int nt) {
-    index_t ta, tb;
-    share(tiles, 1, th, nt, ta, tb);
-    for (index_t tt = ta; tt < tb; ++tt)
-      for (index_t t = 0; t < tile_rows; ++t) {
-        const index_t row = tt * tile_rows + t;
-        float* dst = xp + tt * tile_rows * k + t;
-        if (row < n) {
-          const float* src = x + row * ldx;
-          for (index_t q = 0; q < k; ++q) dst[q * tile_rows] = src[q];
-        } else {
-          for (index_t q = 0; q < k; ++q) dst[q * tile_rows] = 0.0f;
-        }
-      }
-    sync(nt);  // X is packed; from here on the threads never wait
-    index_t pa, pb;
-    share(p_last - p_first, 1, th, nt, pa, pb);
-    pa += p_first;
-    pb += p_first;
-    for (index_t k0 = 0; k0 < k; k0 += block) {
-      const index_t kc = std::min(block, k - k0);
-      const bool first = k0 == 0;
-      for (index_t p0 = pa; p0 < pb; p0 += panel_block) {
-        const index_t p1 = std::min(pb, p0 + panel_block);
-        for (index_t tt = 0; tt < tiles; ++tt) {
-          const index_t rows = std::min<index_t>(tile_rows, n - tt * tile_rows);
-          const float* xt = xp + tt * tile_rows * k + k0 * tile_rows;
-          for (index_t p = p0; p < p1; ++p) {
-            const float* wp = w.panel(p) + k0 * panel;
-            const index_t o0 = p * panel, lo = std::max(r0, o0), hi = std::min(r1, o0 + panel);
-            for_tiles(rows, [&]<int M>(index_t off) {
-              float out[M][panel];
-              tile<M>(xt + off, tile_rows, 1, 0, wp, panel, kc, 1, out);
-              // Columns [lo, hi) of the panel (all 32 but at a slice's edges);
-              // the first depth block applies beta, the later ones add.
-              for (int t = 0; t < M; ++t)
-                update_row(y + (tt * tile_rows + off + t) * ldy + (lo - r0), out[t] + (lo - o0), hi - lo, alpha,
-                           first ? beta : 1.0f);
-            });
-          }
-        }
-      }
-    }
-  });
+  const index_t block = n <= tile_rows ? k : depth_block;
+  forward_panels(
+      [&](index_t p0, index_t, index_t k0, index_t) { return std::pair<const float*, index_t>(w.panel(p0) + k0 * panel, k * panel); },
+      k, r0, nr, block, alpha, x, ldx, n, beta, y, ldy);
 }
 
 /// gemm_nn below with the tokens as the vector lanes, Lanes of them per

@@ -162,6 +162,18 @@ void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
     });
     return;
   }
+  // Many tokens over a large fp32 W: lora's micro-kernel, W packed as it goes
+  // (microkernel.hpp, gemm_nt_plain); OpenBLAS first where the user linked it.
+  if constexpr (std::is_same_v<T, float>) {
+    if (w.rows() >= LORA_EIGEN_PACKED_FORWARD_MIN_SIZE && k >= LORA_EIGEN_PACKED_FORWARD_MIN_SIZE) {
+#ifdef LORA_USE_OPENBLAS
+      if (blas::try_gemm(alpha, x, w.transpose(), beta, y)) return;
+#endif
+      packed::gemm_nt_plain(w.data(), w.outerStride(), w.rows(), k, alpha, x.data(), x.outerStride(), n, beta,
+                            y.data(), y.outerStride());
+      return;
+    }
+  }
   gemm_eigen(alpha, x, w.transpose(), beta, y);  // (n, m) = (n, k) (m, k)^T
 }
 
