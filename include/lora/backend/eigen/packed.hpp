@@ -225,7 +225,7 @@ inline void gemm_nn(const PackedMatrix& w, index_t r0, index_t nr, float alpha, 
   const index_t k = w.cols();
   if (n == 0 || k == 0) return;
   if (nr == 0) return scale_rows(beta, dx, lddx, n, k);
-  if (n <= S::width && S::width < int(panel))
+  if (n <= S::width)
     gemm_nn_lanes<S::width>(w, r0, nr, alpha, g, ldg, n, beta, dx, lddx);
   else
     gemm_nn_lanes<int(panel)>(w, r0, nr, alpha, g, ldg, n, beta, dx, lddx);
