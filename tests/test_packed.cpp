@@ -236,7 +236,7 @@ TEST_CASE("Rank updates C = beta C + alpha A B through the outer-product micro-k
 
 TEST_CASE("Many-token products over a plain fp32 W go through the micro-kernel, W packed per call", "[packed][forward]") {
   // n past the skinny kernel's 128 tokens and W at least 256 x 256
-  // (LORA_EIGEN_PACKED_FORWARD_MIN_SIZE): 300 rows are 9 whole panels and one
+  // (LORA_EIGEN_MICROKERNEL_MIN_SIZE): 300 rows are 9 whole panels and one
   // of 12 rows; depth 531 is two 256-deep blocks and one of 19, whose 16-wide
   // register-transposed blocks leave a 3-column tail. alpha, beta, beta = 0
   // over NaN, and Y a column block of a wider matrix.
@@ -265,4 +265,39 @@ TEST_CASE("Many-token products over a plain fp32 W go through the micro-kernel, 
   support::fill(X2, 35);
   lora::EigenBackend::gemm_nt(1.0f, X2, W2, 0.0f, Y2);
   CHECK(support::rel_err(Y2, ref_nt(W2, 0, 256, 1.0f, X2, 0.0f, Z2)) <= bound(256));
+}
+
+TEST_CASE("dX = G W past 32 rows over a plain fp32 W goes through the micro-kernel, W copied into panels per call",
+          "[packed][backward]") {
+  // G with more rows than the panel kernel's 32 (LORA_EIGEN_PANEL_MAX_ROWS)
+  // over W at least 256 x 256 (LORA_EIGEN_MICROKERNEL_MIN_SIZE). W [531, 300]:
+  // depth 531 is two 256-deep blocks and one of 19; 300 columns are 9 whole
+  // panels and one of 12 (zero-padded in the copy). 33 rows are two 12-row
+  // tiles, one of 8 and one of 1. alpha, beta, beta = 0 over NaN, G and dX
+  // column blocks of wider matrices.
+  const index_t k = 531, n = 300;
+  RowMatrix<float> W(k, n);
+  support::fill(W, 36);
+  for (const index_t m : {index_t(33), index_t(200)})
+    for (const float beta : {0.0f, 2.0f}) {
+      CAPTURE(m, beta);
+      RowMatrix<float> gbig(m, k + 5), big(m, n + 7);
+      support::fill(gbig, 37);
+      support::fill(big, 38);
+      if (beta == 0.0f) big.setConstant(std::nanf(""));
+      const RowMatrix<float> G = gbig.middleCols(2, k), D0 = big.middleCols(3, n);
+      auto D = big.middleCols(3, n);
+      lora::EigenBackend::gemm_nn(0.5f, gbig.middleCols(2, k), W, beta, D);
+      CHECK(support::rel_err(D, ref_nn(W, 0, k, 0.5f, G, beta, D0)) <= bound(k));
+      if (beta == 0.0f) {
+        CHECK(big.leftCols(3).array().isNaN().all());
+        CHECK(big.rightCols(4).array().isNaN().all());
+      }
+    }
+  // Past 1024 rows G goes in chunks of 1024.
+  RowMatrix<float> W2(256, 256), G2(1030, 256), D2(1030, 256), Z2 = RowMatrix<float>::Zero(1030, 256);
+  support::fill(W2, 39);
+  support::fill(G2, 40);
+  lora::EigenBackend::gemm_nn(1.0f, G2, W2, 0.0f, D2);
+  CHECK(support::rel_err(D2, ref_nn(W2, 0, 256, 1.0f, G2, 0.0f, Z2)) <= bound(256));
 }

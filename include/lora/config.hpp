@@ -68,19 +68,21 @@
 // few tokens) use lora's kernels: fp32 the micro-kernel over B in place
 // (microkernel.hpp, skinny_nn), double the panel kernel (skinny.hpp). 4096^2,
 // 2 threads, fp32 against the panel kernel: 1 row 1.4x faster, 16 rows 1.6-1.9x,
-// 32 rows 1.3-1.8x, 64 rows as fast as Eigen's GEMM (so 32 stays the limit).
-// 0 disables it.
-// fp32 products Y = X W^T past the skinny kernel's tokens, with W at least
-// this many rows and columns, go to lora's micro-kernel with W packed per call
-// (microkernel.hpp, gemm_nt_plain) instead of Eigen's GEMM: 4096^2, 2 threads,
-// n = 129..1024 0.96-1.25x Eigen's time, 8192^2 n = 256 1.17x. Smaller ones
-// (the adapter's X A^T, H B^T) stay with Eigen.
-#ifndef LORA_EIGEN_PACKED_FORWARD_MIN_SIZE
-#define LORA_EIGEN_PACKED_FORWARD_MIN_SIZE 256
-#endif
-
+// 32 rows 1.3-1.8x. 0 disables it.
 #ifndef LORA_EIGEN_PANEL_MAX_ROWS
 #define LORA_EIGEN_PANEL_MAX_ROWS 32
+#endif
+
+// fp32 products with many tokens over a plain W (the forward's Y = X W^T past
+// the skinny kernel's tokens, the backward's dX = G W past the panel kernel's
+// rows), with W at least this many rows and columns, go to lora's micro-kernel
+// with W packed per call (microkernel.hpp: gemm_nt_plain, gemm_nn_plain)
+// instead of Eigen's GEMM. 4096^2, 2 threads, Eigen's time / lora's: forward
+// n = 129..1024 0.96-1.25x, 8192^2 n = 256 1.17x; backward n = 33..128
+// 1.2-1.3x, 256..1024 1.03-1.05x, 8192^2 n = 256 1.2x. Smaller products (the
+// adapter's X A^T, H B^T) stay with Eigen.
+#ifndef LORA_EIGEN_MICROKERNEL_MIN_SIZE
+#define LORA_EIGEN_MICROKERNEL_MIN_SIZE 256
 #endif
 
 // fp32 products C = A B with A between these depths (columns) and C at least

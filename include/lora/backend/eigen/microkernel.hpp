@@ -146,6 +146,21 @@ inline float* scratch(std::vector<float, Eigen::aligned_allocator<float>>& buf, 
   return buf.data();
 }
 
+/// The per-thread buffers of forward_panels: the broadcast operand packed per
+/// call (tokens, or G's rows in the backward), and one group of panels packed
+/// as it comes (512 KiB). One of each per thread, whichever product (forward,
+/// backward, plain or packed W) uses it: as locals of each instantiation they
+/// were one more copy of up to 16 MiB each.
+using buffer = std::vector<float, Eigen::aligned_allocator<float>>;
+inline buffer& operand_buffer() {
+  thread_local buffer b;
+  return b;
+}
+inline buffer& group_buffer() {
+  thread_local buffer b;
+  return b;
+}
+
 /// [begin, end) of `count` items in `unit`-aligned shares, share `t` of `nt`.
 inline void share(index_t count, index_t unit, int t, int nt, index_t& begin, index_t& end) {
   const index_t units = (count + unit - 1) / unit;
@@ -248,8 +263,7 @@ void forward_panels(Panels&& panels, index_t k, index_t r0, index_t nr, index_t 
   if (k == 0) return scale_rows(beta, y, ldy, n, nr);
   const index_t p_first = r0 / panel, p_last = (r0 + nr + panel - 1) / panel, r1 = r0 + nr;
   const index_t tiles = (n + tile_rows - 1) / tile_rows;
-  thread_local std::vector<float, Eigen::aligned_allocator<float>> xbuf;
-  float* xp = scratch(xbuf, tiles * tile_rows * k);  // X as [tile][q][tile_rows], zero rows past n
+  float* xp = scratch(operand_buffer(), tiles * tile_rows * k);  // X as [tile][q][tile_rows], zero rows past n
 
   parallel(2.0 * double(n) * double(nr) * double(k), [&](int th, int nt) {
     index_t ta, tb;
@@ -347,12 +361,64 @@ inline void gemm_nt_plain(const float* w, index_t ldw, index_t m, index_t k, flo
   for (index_t t0 = 0; t0 < n; t0 += chunk)
     forward_panels(
         [&](index_t p0, index_t p1, index_t k0, index_t kc) {
-          thread_local std::vector<float, Eigen::aligned_allocator<float>> wbuf;
-          float* wb = scratch(wbuf, panel_block * depth_block * panel);
+          float* wb = scratch(group_buffer(), panel_block * depth_block * panel);
           pack_panels(w, ldw, m, p0, p1, k0, kc, wb);
           return std::pair<const float*, index_t>(wb, kc * panel);
         },
         k, 0, m, depth_block, alpha, x + t0 * ldx, ldx, std::min(chunk, n - t0), beta, y + t0 * ldy, ldy);
+}
+
+/// D [n, c0 : c1] = beta D + alpha (the same columns of S^T), S^T held in
+/// panels of Lanes rows ([panel][c][Lanes], `cols` columns per panel): the
+/// write-out of the turned kernels' transposed accumulators. Blocks of 16
+/// columns: reads within one 2 KiB block, writes 16 contiguous floats per row.
+/// (Row by row, every read of a row was another cache line of S^T.)
+template <int Lanes>
+void untranspose(const float* s, index_t cols, index_t n, index_t c0, index_t c1, float alpha, float beta, float* d,
+                 index_t ldd) {
+  constexpr index_t cb = 16;
+  for (index_t tp = 0; tp * Lanes < n; ++tp) {
+    const index_t lanes = std::min<index_t>(Lanes, n - tp * Lanes);
+    for (index_t b0 = c0; b0 < c1; b0 += cb) {
+      const index_t b1 = std::min(c1, b0 + cb);
+      for (index_t j = 0; j < lanes; ++j) {
+        float* row = d + (tp * Lanes + j) * ldd;
+        const float* src = s + tp * cols * Lanes + j;
+        if (beta == 0.0f)
+          for (index_t c = b0; c < b1; ++c) row[c] = alpha * src[c * Lanes];
+        else
+          for (index_t c = b0; c < b1; ++c) row[c] = beta * row[c] + alpha * src[c * Lanes];
+      }
+    }
+  }
+}
+
+/// C [m, n] = beta C + alpha A [m, k] B [k, n] for many rows m over a plain
+/// row-major B (the backward's dX = G W past skinny_nn's tokens): the forward's
+/// loop with B's columns as its outputs, forward_panels(A, B^T). A panel of
+/// B^T is 32 contiguous floats of each of B's rows, so each group is packed by
+/// row copies (no transpose), once per 1024 rows of A. Eigen's GEMM against it
+/// (4096^2, 2 threads, one process, interleaved): m = 33 / 64 / 128 / 256 /
+/// 1024: 12.6 / 13.9 / 23.6 / 35.6 / 155 ms against 9.9 / 11.5 / 18.9 / 34.0 /
+/// 150; 8192^2, m = 256: 162 against 135.
+inline void gemm_nn_plain(index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda,
+                          const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+  constexpr index_t chunk = 1024;
+  for (index_t t0 = 0; t0 < m; t0 += chunk)
+    forward_panels(
+        [&](index_t p0, index_t p1, index_t k0, index_t kc) {
+          float* bb = scratch(group_buffer(), panel_block * depth_block * panel);
+          for (index_t p = p0; p < p1; ++p) {
+            const index_t c0 = p * panel, width = std::min(panel, n - c0);
+            float* d = bb + (p - p0) * kc * panel;
+            for (index_t q = 0; q < kc; ++q) {
+              std::memcpy(d + q * panel, b + (k0 + q) * ldb + c0, std::size_t(width) * sizeof(float));
+              if (width < panel) std::fill(d + q * panel + width, d + (q + 1) * panel, 0.0f);
+            }
+          }
+          return std::pair<const float*, index_t>(bb, kc * panel);
+        },
+        k, 0, n, depth_block, alpha, a + t0 * lda, lda, std::min(chunk, m - t0), beta, c + t0 * ldc, ldc);
 }
 
 /// C [m, n] = beta C + alpha A [m, k] B [k, n] for a few rows m (up to a few

@@ -207,11 +207,7 @@ void gemm_nn_lanes(const PackedMatrix& w, index_t r0, index_t nr, float alpha, c
       });
       sync(nt);  // before the next block of G^T is packed
     }
-    for (index_t tok = 0; tok < n; ++tok) {  // dX (tok, i) from dX^T, this thread's columns
-      float* d = dx + tok * lddx;
-      const float* src = dt + (tok / Lanes) * k * Lanes + tok % Lanes;
-      for (index_t i = ia; i < ib; ++i) d[i] = (beta == 0.0f ? 0.0f : beta * d[i]) + alpha * src[i * Lanes];
-    }
+    untranspose<Lanes>(dt, k, n, ia, ib, alpha, beta, dx, lddx);  // dX from dX^T, this thread's columns
   });
 }
 

@@ -165,7 +165,7 @@ void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
   // Many tokens over a large fp32 W: lora's micro-kernel, W packed as it goes
   // (microkernel.hpp, gemm_nt_plain); OpenBLAS first where the user linked it.
   if constexpr (std::is_same_v<T, float>) {
-    if (w.rows() >= LORA_EIGEN_PACKED_FORWARD_MIN_SIZE && k >= LORA_EIGEN_PACKED_FORWARD_MIN_SIZE) {
+    if (w.rows() >= LORA_EIGEN_MICROKERNEL_MIN_SIZE && k >= LORA_EIGEN_MICROKERNEL_MIN_SIZE) {
 #ifdef LORA_USE_OPENBLAS
       if (blas::try_gemm(alpha, x, w.transpose(), beta, y)) return;
 #endif
@@ -209,6 +209,19 @@ void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
                       c.outerStride(), begin, end);
     });
     return;
+  }
+  // More rows over a large fp32 b (dX = G W past those tokens): the micro-
+  // kernel with b's rows copied into panels per call (microkernel.hpp,
+  // gemm_nn_plain); OpenBLAS first where the user linked it.
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.cols() >= LORA_EIGEN_MICROKERNEL_MIN_SIZE && c.cols() >= LORA_EIGEN_MICROKERNEL_MIN_SIZE) {
+#ifdef LORA_USE_OPENBLAS
+      if (blas::try_gemm(alpha, a, b, beta, c)) return;
+#endif
+      packed::gemm_nn_plain(m, c.cols(), a.cols(), alpha, a.data(), a.outerStride(), b.data(), b.outerStride(), beta,
+                            c.data(), c.outerStride());
+      return;
+    }
   }
   gemm_eigen(alpha, a, b, beta, c);
 }
