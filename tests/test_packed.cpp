@@ -301,3 +301,42 @@ TEST_CASE("dX = G W past 32 rows over a plain fp32 W goes through the micro-kern
   lora::EigenBackend::gemm_nn(1.0f, G2, W2, 0.0f, D2);
   CHECK(support::rel_err(D2, ref_nn(W2, 0, 256, 1.0f, G2, 0.0f, Z2)) <= bound(256));
 }
+
+TEST_CASE("C = beta C + alpha A^T B (the adapter's dA and dB) through lora's kernels, A transposed by strides",
+          "[packed][gemm_tn]") {
+  // A [k, m], so C [m, n] = A^T B. Up to 32 rows of C over a wide B (dA =
+  // s (G B)^T X: the panel kernel) for any depth; more rows at depths 16..128
+  // (dB = s G^T H: a rank update); the rest stays with Eigen. A is a column
+  // block of a wider matrix (its row stride is not m).
+  for (const index_t m : {index_t(1), index_t(8), index_t(29), index_t(200), index_t(603)})
+    for (const index_t k : {index_t(1), index_t(17), index_t(128), index_t(300)})
+      for (const index_t n : {index_t(33), index_t(260)}) {
+        CAPTURE(m, k, n);
+        RowMatrix<float> abig(k, m + 3), B(k, n), C(m, n);
+        support::fill(abig, 41);
+        support::fill(B, 42);
+        support::fill(C, 43);
+        const RowMatrix<float> A = abig.middleCols(1, m), C0 = C;
+        lora::EigenBackend::gemm_tn(0.5f, abig.middleCols(1, m), B, 2.0f, C);
+        RowMatrix<long double> ref(m, n);
+        for (index_t i = 0; i < m; ++i)
+          for (index_t j = 0; j < n; ++j) {
+            long double s = 0;
+            for (index_t q = 0; q < k; ++q) s += (long double)A(q, i) * B(q, j);
+            ref(i, j) = 2.0L * C0(i, j) + 0.5L * s;
+          }
+        CHECK(support::rel_err(C, ref) <= bound(k + 2));
+      }
+  // beta = 0 overwrites (NaN does not leak), both kernels, C a column block.
+  for (const index_t m : {index_t(8), index_t(300)}) {
+    CAPTURE(m);
+    RowMatrix<float> A(64, m), B(64, 300), big = RowMatrix<float>::Constant(m, 310, std::nanf(""));
+    support::fill(A, 44);
+    support::fill(B, 45);
+    auto C = big.middleCols(5, 300);
+    lora::EigenBackend::gemm_tn(1.0f, A, B, 0.0f, C);
+    CHECK(support::rel_err(C, RowMatrix<float>(A.transpose() * B)) <= bound(64));
+    CHECK(big.leftCols(5).array().isNaN().all());
+    CHECK(big.rightCols(5).array().isNaN().all());
+  }
+}

@@ -202,12 +202,14 @@ inline void scale_rows(float beta, float* y, index_t ldy, index_t rows, index_t 
 }
 
 /// C [m, n] = beta C + alpha A [m, k] B [k, n] for a small depth k (a rank-k
-/// update: merge's W += s B A, the backward's dX += s (G B) A), all row-major
-/// with unit column stride. B is packed per call into 32-wide panels (k x n
+/// update: merge's W += s B A, the backward's dX += s (G B) A; and, A
+/// transposed, the backward's dB = s G^T H), B and C row-major with unit
+/// column stride, A (i, q) = a[i a_row + q a_col] (a row-major A: a_col = 1;
+/// the transpose of a row-major [k, m]: a_row = 1). B is packed per call into 32-wide panels (k x n
 /// floats, per thread that calls); A's rows are the broadcasts. Every element
 /// of C is read and written once, so the update streams C at its bandwidth
 /// (Eigen's GEMM, shaped for a deep product, re-packs and runs at 1.4-1.8x that).
-inline void rank_update(index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda,
+inline void rank_update(index_t m, index_t n, index_t k, float alpha, const float* a, index_t a_row, index_t a_col,
                         const float* b, index_t ldb, float beta, float* c, index_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_rows(beta, c, ldc, m, n);
@@ -238,7 +240,7 @@ inline void rank_update(index_t m, index_t n, index_t k, float alpha, const floa
         const index_t r0 = ra + off;
         for (index_t p = p0; p < p1; ++p) {
           float out[M][panel];
-          tile<M>(a + r0 * lda, 1, lda, 0, bp + p * k * panel, panel, k, 1, out);
+          tile<M>(a + r0 * a_row, a_col, a_row, 0, bp + p * k * panel, panel, k, 1, out);
           const index_t c0 = p * panel, width = std::min(panel, n - c0);
           for (int t = 0; t < M; ++t) update_row(c + (r0 + t) * ldc + c0, out[t], width, alpha, beta);
         }
@@ -432,8 +434,10 @@ inline void gemm_nn_plain(index_t m, index_t n, index_t k, float alpha, const fl
 /// 5.0-6.0 ms, 32 rows 2.9 ms (the panel kernel this replaces: 4.6-5.6 ms).
 /// C's tiles are read and written once per block (~10 % of the FMAs' time).
 /// 16 rows go as two tiles of 8, not 12 + 4 (a 4-row tile is load-bound).
-inline void skinny_nn(index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda, const float* b,
-                      index_t ldb, float beta, float* c, index_t ldc) {
+/// A (i, q) = a[i a_row + q a_col] as in rank_update (the backward's
+/// dA = s (G B)^T X takes A transposed).
+inline void skinny_nn(index_t m, index_t n, index_t k, float alpha, const float* a, index_t a_row, index_t a_col,
+                      const float* b, index_t ldb, float beta, float* c, index_t ldc) {
   constexpr index_t kc = 32;
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_rows(beta, c, ldc, m, n);
@@ -448,7 +452,7 @@ inline void skinny_nn(index_t m, index_t n, index_t k, float alpha, const float*
       const index_t depth = std::min(kc, k - o0);
       const float bt = o0 == 0 ? beta : 1.0f;
       for (index_t t = 0; t < m; ++t)
-        for (index_t q = 0; q < depth; ++q) at[q * m + t] = a[t * lda + o0 + q];
+        for (index_t q = 0; q < depth; ++q) at[q * m + t] = a[t * a_row + (o0 + q) * a_col];
       for (index_t p = pa; p < pb; ++p) {
         const index_t c0 = p * panel, width = std::min(panel, n - c0);
         const float* v = b + o0 * ldb + c0;
