@@ -47,9 +47,14 @@ using Buffer = std::vector<float, lora::detail::packed::HugePageAllocator<float>
 // the n = 1 forward's GEMV reads several rows of W at once. Eigen's
 // two-accumulator reduction read 42 GB/s from L3 and one stream in 128 lanes
 // 53 GB/s; both were below the n = 1 forward's own pass over W (55-56 GB/s),
-// so no limit. Eight streams: 56-57 GB/s on the same host.
+// so no limit. Eight streams: 56-57 GB/s on the same host. BM_stream_read
+// alternates 8 and 16 streams and keeps the faster: measured in one process
+// with the n = 1 forward, 8 / 16 streams 58.5-59.4 / 58.5-60.8 GB/s, the
+// forward 57.7-58.3 (in separate programs of one run the forward came out at
+// 101-102 % of the 8-stream figure).
+template <std::size_t streams>
 float slice_sum(const float* p, std::size_t n) {
-  constexpr std::size_t streams = 8, lanes = 16;
+  constexpr std::size_t lanes = 16;
   const std::size_t per = n / streams / lanes * lanes;  // each stream's length
   float acc[streams][lanes] = {};
   for (std::size_t i = 0; i < per; i += lanes)
@@ -75,7 +80,9 @@ void BM_stream_read(benchmark::State& state) {
 #pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < count; ++i) a[i] = 1.0f;
   lora_bench::BestTime best;
+  bool wide = false;
   for (auto _ : state) {
+    wide = !wide;
     best.time([&] {
       float total = 0.0f;
 #pragma omp parallel reduction(+ : total)
@@ -86,7 +93,7 @@ void BM_stream_read(benchmark::State& state) {
         const std::size_t t = 0, nt = 1;
 #endif
         const std::size_t begin = count * t / nt, end = count * (t + 1) / nt;
-        total += slice_sum(a.data() + begin, end - begin);
+        total += wide ? slice_sum<16>(a.data() + begin, end - begin) : slice_sum<8>(a.data() + begin, end - begin);
       }
       benchmark::DoNotOptimize(total);
     });
