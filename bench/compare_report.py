@@ -93,9 +93,12 @@ def main():
         gemm[f"torch {meta.get('torch_version', '?')} ({meta.get('blas', '?')}, not through Eigen)"] = (
             2.0 * PD**3 / (t_env[f"sgemm_peak/d:{PD}"] * 1e6),
             2.0 * 256 * D * D / (t_env["sgemm_forward_shape/n:256"] * 1e6))
-    eigen_linkable = {k: v for k, v in gemm.items() if not k.startswith("torch")}
-    best_lib = max(eigen_linkable, key=lambda k: eigen_linkable[k][0])
-    peak = eigen_linkable[best_lib][0]
+    # The peak is the fastest SGEMM measured in the run, any library and shape
+    # (PyTorch's MKL included): a limit no lora kernel should beat. (The best
+    # square SGEMM through Eigen alone was beaten by lora's own 256-token
+    # forward, 104 % of it, in a run where MKL ran 7 % faster.)
+    best_lib = max(gemm, key=lambda k: max(gemm[k]))
+    peak = max(gemm[best_lib])
 
     print("### Limits (best of the rounds)\n")
     print("| limit | measured |\n|---|---|")
@@ -104,7 +107,7 @@ def main():
     print(f"| L3 read (sum over 64 MiB = one 4096^2 fp32 W) | {l3_read:.1f} GB/s |")
     print(f"| L3 read + write (in-place update of 64 MiB, merge's traffic) | {l3_update:.1f} GB/s |")
     for lib, (p, s) in gemm.items():
-        mark = " **(best through Eigen: the peak below)**" if lib == best_lib else ""
+        mark = " **(the fastest: the peak below)**" if lib == best_lib else ""
         name = "eigen or lora's packed kernel (the faster)" if lib == "eigen" else lib
         shape = f"256 x {D} x {D}" if lib.startswith("torch") else "256 x 4096 x 4096"  # torch's is at d
         print(f"| SGEMM {name}: 2048^3 / 4096^3 best; {shape} | {p:.0f} GFLOP/s; {s:.0f} GFLOP/s{mark} |")
