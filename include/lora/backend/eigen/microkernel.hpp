@@ -141,7 +141,9 @@ LORA_FORCE_INLINE void for_tiles(index_t count, F&& f) {
     if (i + 1 <= count) f.template operator()<1>(i), i += 1;
 }
 
-inline float* scratch(std::vector<float, Eigen::aligned_allocator<float>>& buf, index_t n) {
+using buffer = std::vector<float, Eigen::aligned_allocator<float>>;
+
+inline float* scratch(buffer& buf, index_t n) {
   if (buf.size() < static_cast<std::size_t>(n)) buf.resize(static_cast<std::size_t>(n));
   return buf.data();
 }
@@ -151,7 +153,6 @@ inline float* scratch(std::vector<float, Eigen::aligned_allocator<float>>& buf, 
 /// as it comes (512 KiB). One of each per thread, whichever product (forward,
 /// backward, plain or packed W) uses it: as locals of each instantiation they
 /// were one more copy of up to 16 MiB each.
-using buffer = std::vector<float, Eigen::aligned_allocator<float>>;
 inline buffer& operand_buffer() {
   thread_local buffer b;
   return b;
@@ -159,6 +160,16 @@ inline buffer& operand_buffer() {
 inline buffer& group_buffer() {
   thread_local buffer b;
   return b;
+}
+
+/// dst[q][j] = src[q * ld + j] for `rows` rows q, j < width, zero for
+/// width <= j < 32: a 32-wide column panel of a row-major matrix in the
+/// micro-kernel's [q][32] layout (the last panel padded).
+inline void copy_panel(const float* src, index_t ld, index_t rows, index_t width, float* dst) {
+  for (index_t q = 0; q < rows; ++q) {
+    std::memcpy(dst + q * panel, src + q * ld, std::size_t(width) * sizeof(float));
+    std::fill(dst + q * panel + width, dst + (q + 1) * panel, 0.0f);
+  }
 }
 
 /// [begin, end) of `count` items in `unit`-aligned shares, share `t` of `nt`.
@@ -214,18 +225,14 @@ inline void rank_update(index_t m, index_t n, index_t k, float alpha, const floa
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_rows(beta, c, ldc, m, n);
   const index_t panels = (n + panel - 1) / panel;
-  thread_local std::vector<float, Eigen::aligned_allocator<float>> bbuf;
+  thread_local buffer bbuf;
   float* bp = scratch(bbuf, panels * k * panel);  // bp[p][q][j] = B[q][32 p + j], zero past n
   parallel(2.0 * double(m) * double(n) * double(k), [&](int th, int nt) {
     index_t pa, pb;
     share(panels, 1, th, nt, pa, pb);
     for (index_t p = pa; p < pb; ++p) {
-      const index_t c0 = p * panel, width = std::min(panel, n - c0);
-      float* dst = bp + p * k * panel;
-      for (index_t q = 0; q < k; ++q) {
-        std::memcpy(dst + q * panel, b + q * ldb + c0, std::size_t(width) * sizeof(float));
-        std::fill(dst + q * panel + width, dst + (q + 1) * panel, 0.0f);
-      }
+      const index_t c0 = p * panel;
+      copy_panel(b + c0, ldb, k, std::min(panel, n - c0), bp + p * k * panel);
     }
     sync(nt);  // B is packed
     index_t ra, rb;
@@ -350,6 +357,23 @@ inline void pack_panels(const float* w, index_t ldw, index_t m, index_t p0, inde
   }
 }
 
+/// forward_panels over panels that pack(p0, p1, k0, kc, dst) writes into the
+/// per-thread group buffer as each group comes (a plain operand packed per
+/// call), in chunks of 1024 tokens, which bound the packed copy of X.
+template <class Pack>
+void forward_packing(Pack&& pack, index_t k, index_t m, float alpha, const float* x, index_t ldx, index_t n,
+                     float beta, float* y, index_t ldy) {
+  constexpr index_t chunk = 1024;
+  for (index_t t0 = 0; t0 < n; t0 += chunk)
+    forward_panels(
+        [&](index_t p0, index_t p1, index_t k0, index_t kc) {
+          float* dst = scratch(group_buffer(), panel_block * depth_block * panel);
+          pack(p0, p1, k0, kc, dst);
+          return std::pair<const float*, index_t>(dst, kc * panel);
+        },
+        k, 0, m, depth_block, alpha, x + t0 * ldx, ldx, std::min(chunk, n - t0), beta, y + t0 * ldy, ldy);
+}
+
 /// Y [n, m] = beta Y + alpha X W^T for a plain row-major W [m, k] and many
 /// tokens: forward_panels with each group of panels packed as it comes (each
 /// element of W once per 1024 tokens, into a per-thread buffer of 512 KiB that
@@ -359,21 +383,16 @@ inline void pack_panels(const float* w, index_t ldw, index_t m, index_t p0, inde
 /// 1.15 / 1.25 / 1.14 / 0.96-1.08x; 8192^2, n = 256: 1.17x).
 inline void gemm_nt_plain(const float* w, index_t ldw, index_t m, index_t k, float alpha, const float* x,
                           index_t ldx, index_t n, float beta, float* y, index_t ldy) {
-  constexpr index_t chunk = 1024;
-  for (index_t t0 = 0; t0 < n; t0 += chunk)
-    forward_panels(
-        [&](index_t p0, index_t p1, index_t k0, index_t kc) {
-          float* wb = scratch(group_buffer(), panel_block * depth_block * panel);
-          pack_panels(w, ldw, m, p0, p1, k0, kc, wb);
-          return std::pair<const float*, index_t>(wb, kc * panel);
-        },
-        k, 0, m, depth_block, alpha, x + t0 * ldx, ldx, std::min(chunk, n - t0), beta, y + t0 * ldy, ldy);
+  forward_packing(
+      [&](index_t p0, index_t p1, index_t k0, index_t kc, float* dst) { pack_panels(w, ldw, m, p0, p1, k0, kc, dst); },
+      k, m, alpha, x, ldx, n, beta, y, ldy);
 }
 
 /// D [n, c0 : c1] = beta D + alpha (the same columns of S^T), S^T held in
 /// panels of Lanes rows ([panel][c][Lanes], `cols` columns per panel): the
-/// write-out of the turned kernels' transposed accumulators. Blocks of 16
-/// columns: reads within one 2 KiB block, writes 16 contiguous floats per row.
+/// write-out of PackedMatrix's backward (packed.hpp), whose accumulators hold
+/// dX transposed. Blocks of 16 columns: reads within one 2 KiB block, writes
+/// 16 contiguous floats per row.
 /// (Row by row, every read of a row was another cache line of S^T.)
 template <int Lanes>
 void untranspose(const float* s, index_t cols, index_t n, index_t c0, index_t c1, float alpha, float beta, float* d,
@@ -399,28 +418,18 @@ void untranspose(const float* s, index_t cols, index_t n, index_t c0, index_t c1
 /// row-major B (the backward's dX = G W past skinny_nn's tokens): the forward's
 /// loop with B's columns as its outputs, forward_panels(A, B^T). A panel of
 /// B^T is 32 contiguous floats of each of B's rows, so each group is packed by
-/// row copies (no transpose), once per 1024 rows of A. Eigen's GEMM against it
-/// (4096^2, 2 threads, one process, interleaved): m = 33 / 64 / 128 / 256 /
+/// row copies (copy_panel, no transpose), once per 1024 rows of A. Eigen's
+/// GEMM against it (4096^2, 2 threads, one process, interleaved): m = 33 / 64 / 128 / 256 /
 /// 1024: 12.6 / 13.9 / 23.6 / 35.6 / 155 ms against 9.9 / 11.5 / 18.9 / 34.0 /
 /// 150; 8192^2, m = 256: 162 against 135.
 inline void gemm_nn_plain(index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda,
                           const float* b, index_t ldb, float beta, float* c, index_t ldc) {
-  constexpr index_t chunk = 1024;
-  for (index_t t0 = 0; t0 < m; t0 += chunk)
-    forward_panels(
-        [&](index_t p0, index_t p1, index_t k0, index_t kc) {
-          float* bb = scratch(group_buffer(), panel_block * depth_block * panel);
-          for (index_t p = p0; p < p1; ++p) {
-            const index_t c0 = p * panel, width = std::min(panel, n - c0);
-            float* d = bb + (p - p0) * kc * panel;
-            for (index_t q = 0; q < kc; ++q) {
-              std::memcpy(d + q * panel, b + (k0 + q) * ldb + c0, std::size_t(width) * sizeof(float));
-              if (width < panel) std::fill(d + q * panel + width, d + (q + 1) * panel, 0.0f);
-            }
-          }
-          return std::pair<const float*, index_t>(bb, kc * panel);
-        },
-        k, 0, n, depth_block, alpha, a + t0 * lda, lda, std::min(chunk, m - t0), beta, c + t0 * ldc, ldc);
+  forward_packing(
+      [&](index_t p0, index_t p1, index_t k0, index_t kc, float* dst) {
+        for (index_t p = p0; p < p1; ++p)
+          copy_panel(b + k0 * ldb + p * panel, ldb, kc, std::min(panel, n - p * panel), dst + (p - p0) * kc * panel);
+      },
+      k, n, alpha, a, lda, m, beta, c, ldc);
 }
 
 /// C [m, n] = beta C + alpha A [m, k] B [k, n] for a few rows m (up to a few
@@ -445,7 +454,7 @@ inline void skinny_nn(index_t m, index_t n, index_t k, float alpha, const float*
   parallel(2.0 * double(m) * double(n) * double(k), [&](int th, int nt) {
     index_t pa, pb;
     share(panels, 1, th, nt, pa, pb);
-    thread_local std::vector<float, Eigen::aligned_allocator<float>> abuf;
+    thread_local buffer abuf;
     float* at = scratch(abuf, kc * m);  // at[q * m + t] = A[t][o0 + q]
     alignas(64) float pad[kc * panel];  // the last, partial panel, zero past n
     for (index_t o0 = 0; o0 < k; o0 += kc) {
@@ -458,10 +467,7 @@ inline void skinny_nn(index_t m, index_t n, index_t k, float alpha, const float*
         const float* v = b + o0 * ldb + c0;
         index_t vs = ldb;
         if (p >= whole) {
-          for (index_t q = 0; q < depth; ++q) {
-            std::memcpy(pad + q * panel, v + q * ldb, std::size_t(width) * sizeof(float));
-            std::fill(pad + q * panel + width, pad + (q + 1) * panel, 0.0f);
-          }
+          copy_panel(v, ldb, depth, width, pad);
           v = pad, vs = panel;
         }
         auto run = [&]<int M>(index_t off) {

@@ -173,7 +173,7 @@ void gemm_nn_lanes(const PackedMatrix& w, index_t r0, index_t nr, float alpha, c
   constexpr index_t block_panels = depth_block / panel;
   const index_t tps = (n + Lanes - 1) / Lanes;  // panels of Lanes tokens
   const index_t ob_max = std::min(block_panels, p_last - p_first);
-  thread_local std::vector<float, Eigen::aligned_allocator<float>> gbuf, dbuf;
+  thread_local buffer gbuf, dbuf;
   float* gt = scratch(gbuf, tps * ob_max * panel * Lanes);  // G^T block: [token panel][o][Lanes tokens]
   float* dt = scratch(dbuf, tps * k * Lanes);               // dX^T: [token panel][i][Lanes tokens]
 

@@ -231,8 +231,8 @@ void product_kernels<T>::gemm_tn(T alpha, cv a, cv b, T beta, mv c) {
   // c [m, n] = a^T b, a [k, m]. The backward's adapter gradients: dA = s (G B)^T X
   // (a few rows m = r of a wide c; panel kernel, reading X in place) and
   // dB = s G^T H (a shallow product, depth = tokens: a rank update), with A
-  // transposed by strides. 4096^2, 2 threads, Eigen / lora: dA r = 8, 16..256
-  // tokens 2.1-3.2x; dB 16..64 tokens 1.1-1.5x.
+  // transposed by strides. 4096^2, 2 threads, Eigen / lora: dA r = 8, 16..1024
+  // tokens 2.1-3.2x; dB r = 8..64, 16..128 tokens 1.1-2.4x.
   if constexpr (std::is_same_v<T, float>) {
     const index_t m = a.cols(), k = a.rows();
     if (m >= 1 && m <= LORA_EIGEN_PANEL_MAX_ROWS && k >= 1 && c.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
