@@ -4,7 +4,7 @@
 // in = out = 4096 (LORA_BENCH_DIM: best_time.hpp), fp32, and static vs dynamic rank. Ratios are what to read: every case of one run shares
 // the machine's state. Summarise with bench/ratios.py.
 // Sweeps for docs/img (bench/plot.sh): BM_sweep_{merged,unmerged,eigen} over
-// n = 1..256 at r = 8 (eigen: plain `Y = X W^T`, Eigen's own product and
+// n = 1..4096 at r = 8 (eigen: plain `Y = X W^T`, Eigen's own product and
 // threading), and BM_rsweep_{merged,unmerged} over r = 1..128 at n = 1, 16.
 #include <benchmark/benchmark.h>
 
@@ -225,7 +225,7 @@ int register_sweeps() {
   const auto add = [](const char* name, void (*fn)(benchmark::State&), int r, int n) {
     benchmark::RegisterBenchmark(name, fn)->ArgNames({"r", "n"})->Args({r, n})->Unit(benchmark::kMillisecond)->UseRealTime();
   };
-  for (int n : {1, 2, 4, 8, 16, 32, 64, 128, 256}) {
+  for (int n : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}) {
     add("BM_sweep_merged", BM_forward_merged, 8, n);
     add("BM_sweep_unmerged", BM_forward_unmerged, 8, n);
     add("BM_sweep_eigen", BM_eigen_plain, 8, n);

@@ -30,7 +30,9 @@
 #                      if present, made by bench/setup-torch.sh; else /usr/bin/python3)
 #   LORA_BENCH_OUT     where the JSON files go (default: build/bench-compare)
 #   LORA_BENCH_ROUNDS  rounds (default 3)
-#   LORA_BENCH_SWEEP   1: also the n and r sweeps, both sides (input of bench/plot.sh)
+#   LORA_BENCH_SWEEP   1: also the sweeps, both sides: the forward over n = 1..4096 and
+#                      r = 1..128 (input of bench/plot.sh), the training step over
+#                      n = 1..4096 and r = 1, 8, 128
 #   LORA_BENCH_DIM     in = out of the forward, merge and step cases, both sides
 #                      (default 4096; 8192: a 256 MiB W, past most hosts' L3)
 set -euo pipefail
@@ -70,6 +72,8 @@ cat "$out/env.txt"
 gb() { "$@" --benchmark_format=json --benchmark_min_time=0.2 2> /dev/null; }
 fwd_filter='BM_forward_(un)?merged|BM_forward_pair|BM_forward_packed|BM_merge_unmerge'
 [[ $sweep == 1 ]] && fwd_filter="$fwd_filter|BM_sweep_|BM_rsweep_"
+train_filter='BM_train_step'
+[[ $sweep == 1 ]] && train_filter='BM_train_(step|sweep)'
 sweep_arg=()
 [[ $sweep == 1 ]] && sweep_arg=(--sweep)
 
@@ -87,7 +91,7 @@ for ((k = 1; k <= rounds; ++k)); do
     gb "$bin/bench_limits_blis" --benchmark_filter=sgemm > "$out/limits.blis.$k.json"
   fi
   gb "$bin/bench_forward" --benchmark_filter="$fwd_filter" > "$out/lora.$k.json"
-  gb "$bin/bench_train" > "$out/train.$k.json"
+  gb "$bin/bench_train" --benchmark_filter="$train_filter" > "$out/train.$k.json"
   # lora linked with lora::blas (large products through OpenBLAS; its guard
   # needs the core type where OpenBLAS misdetects the CPU).
   if [[ -x "$bin/bench_forward_openblas" ]]; then

@@ -7,8 +7,9 @@ thread count. Prints JSON {case: milliseconds} (best of several runs).
   merged:  F.linear(x, W)
   merge:   W += (B @ A) * s, then W -= (B @ A) * s       (loralib's train()/eval() merge)
 
-  sweeps (--sweep): the same as bench_forward's BM_sweep_* (r = 8, n = 1..256)
-  and BM_rsweep_* (n = 1, 16, r = 1..128), for bench/plot.sh.
+  sweeps (--sweep): the same as bench_forward's BM_sweep_* (r = 8, n = 1..4096)
+  and BM_rsweep_* (n = 1, 16, r = 1..128), for bench/plot.sh, and bench_train's
+  BM_train_sweep (r = 8, n = 1..4096; r = 1, 128 at n = 16, 256).
   sgemm: torch.mm on 4096^2 and the n = 256 forward shape (torch's own BLAS,
   MKL in PyPI's wheels), reported next to the limits bench_limits measures.
 
@@ -81,26 +82,30 @@ def main():
                 cases[f"{prefix}_merged/r:{r}/n:{n}"] = best_ms(lambda: F.linear(x, W))
                 cases[f"{prefix}_unmerged/r:{r}/n:{n}"] = best_ms(lambda: F.linear(x, W) + (x @ A.T @ B.T) * 2.0)
 
-            for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
                 pair("sweep", 8, n)
             for n in (1, 16):
                 for r in (1, 2, 4, 8, 16, 32, 64, 128):
                     pair("rsweep", r, n)
 
-    # Training step: forward, then backward for A, B and x (W frozen).
-    for r in (8, 64):
-        for n in (16, 256):
-            A = ((torch.rand(r, d) * 2 - 1) * 0.01).requires_grad_()
-            B = ((torch.rand(d, r) * 2 - 1) * 0.01).requires_grad_()
-            x = (torch.rand(n, d) * 2 - 1).requires_grad_()
-            g = torch.rand(n, d)
+    # Training step: forward, then backward for A, B and x (W frozen); the
+    # sweep's cases as bench_train's BM_train_sweep.
+    steps = [("train_step", r, n) for r in (8, 64) for n in (16, 256)]
+    if args.sweep:
+        steps += [("train_sweep", 1, 16), ("train_sweep", 1, 256), ("train_sweep", 128, 16), ("train_sweep", 128, 256)]
+        steps += [("train_sweep", 8, n) for n in (1, 4, 64, 1024, 4096)]
+    for prefix, r, n in steps:
+        A = ((torch.rand(r, d) * 2 - 1) * 0.01).requires_grad_()
+        B = ((torch.rand(d, r) * 2 - 1) * 0.01).requires_grad_()
+        x = (torch.rand(n, d) * 2 - 1).requires_grad_()
+        g = torch.rand(n, d)
 
-            def step():
-                A.grad = B.grad = x.grad = None
-                y = F.linear(x, W) + (x @ A.T @ B.T) * 2.0
-                y.backward(g)
+        def step():
+            A.grad = B.grad = x.grad = None
+            y = F.linear(x, W) + (x @ A.T @ B.T) * 2.0
+            y.backward(g)
 
-            cases[f"train_step/r:{r}/n:{n}"] = best_ms(step)
+        cases[f"{prefix}/r:{r}/n:{n}"] = best_ms(step)
     json.dump(out, sys.stdout, indent=1)
     return 0
 

@@ -24,9 +24,9 @@ set title "Forward, in = out = 4096, fp32, r = 8, $title ($cpu)"
 set xlabel "tokens n"
 set ylabel "ms per forward (log)"
 set logscale xy 2
-set xrange [0.8:320]
-set xtics (1, 2, 4, 8, 16, 32, 64, 128, 256)
-set ytics ("0.5" 0.5, "1" 1, "2" 2, "4" 4, "8" 8, "16" 16, "32" 32, "64" 64, "128" 128)
+set xrange [0.8:5000]
+set xtics (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+set ytics ("0.5" 0.5, "1" 1, "2" 2, "4" 4, "8" 8, "16" 16, "32" 32, "64" 64, "128" 128, "256" 256, "512" 512)
 plot "$run/sweep_n.csv" every ::1 using 1:5 with linespoints lw 2 pt 9 lc rgb "#d62728" title "PyTorch F.linear + (x A^T B^T) s", \
      "" every ::1 using 1:4 with linespoints lw 2 pt 5 lc rgb "#7f7f7f" title "plain Eigen  Y = X W^T", \
      "" every ::1 using 1:3 with linespoints lw 2 pt 7 lc rgb "#1f77b4" title "lora unmerged", \
