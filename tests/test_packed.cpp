@@ -235,15 +235,16 @@ TEST_CASE("Rank updates C = beta C + alpha A B through the outer-product micro-k
 }
 
 TEST_CASE("Many-token products over a plain fp32 W go through the micro-kernel, W packed per call", "[packed][forward]") {
-  // n past the skinny kernel's 128 tokens and W at least 256 x 256
-  // (LORA_EIGEN_MICROKERNEL_MIN_SIZE): 300 rows are 9 whole panels and one
+  // n from LORA_EIGEN_MICROKERNEL_MIN_TOKENS (72: the skinny kernel's tokens
+  // end below it) and W at least 256 x 256 (LORA_EIGEN_MICROKERNEL_MIN_SIZE),
+  // one tile of 12 tokens short at 200: 300 rows are 9 whole panels and one
   // of 12 rows; depth 531 is two 256-deep blocks and one of 19, whose 16-wide
   // register-transposed blocks leave a 3-column tail. alpha, beta, beta = 0
   // over NaN, and Y a column block of a wider matrix.
   const index_t m = 300, k = 531;
   RowMatrix<float> W(m, k);
   support::fill(W, 31);
-  for (const index_t n : {index_t(129), index_t(200)})
+  for (const index_t n : {index_t(LORA_EIGEN_MICROKERNEL_MIN_TOKENS), index_t(129), index_t(200)})
     for (const float beta : {0.0f, 2.0f}) {
       CAPTURE(n, beta);
       RowMatrix<float> X(n, k), big(n, m + 7);

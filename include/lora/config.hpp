@@ -84,6 +84,14 @@
 #ifndef LORA_EIGEN_MICROKERNEL_MIN_SIZE
 #define LORA_EIGEN_MICROKERNEL_MIN_SIZE 256
 #endif
+// The forward's tokens from which such a product leaves the skinny kernel (one
+// pass over W per 64 tokens, nothing packed) for the micro-kernel (W packed
+// once per call). 2 threads, one process, skinny / micro-kernel ms: 4096^2
+// n = 64 10.3-10.5 / 11.2, 80 13.4-14.1 / 12.5-13.1, 96 16.5-17.0 / 14.5-15.1,
+// 128 21.5-21.6 / 19.1-19.8; 8192^2 n = 80 64.7 / 58.7, 128 111 / 85.
+#ifndef LORA_EIGEN_MICROKERNEL_MIN_TOKENS
+#define LORA_EIGEN_MICROKERNEL_MIN_TOKENS 72
+#endif
 
 // fp32 products C = A B with A between these depths (columns) and C at least
 // this many elements are rank updates (merge's W += s B A, the backward's

@@ -147,7 +147,19 @@ struct product_kernels {
 template <class T>
 void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
   const index_t n = x.rows(), k = x.cols();
-  if (n >= LORA_EIGEN_SKINNY_MIN_TOKENS && n <= LORA_EIGEN_SKINNY_MAX_TOKENS && k >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
+  // fp32 over a large W: lora's micro-kernel (microkernel.hpp, gemm_nt_plain)
+  // from LORA_EIGEN_MICROKERNEL_MIN_TOKENS tokens, the skinny kernel below them.
+  // (With OpenBLAS linked, which is tried first, the skinny kernel keeps all
+  // its tokens: its limit was measured against that hand-off.)
+  const bool micro = std::is_same_v<T, float> && w.rows() >= LORA_EIGEN_MICROKERNEL_MIN_SIZE &&
+                     k >= LORA_EIGEN_MICROKERNEL_MIN_SIZE;
+#ifdef LORA_USE_OPENBLAS
+  const index_t skinny_max = LORA_EIGEN_SKINNY_MAX_TOKENS;
+#else
+  const index_t skinny_max = micro ? std::min<index_t>(LORA_EIGEN_SKINNY_MAX_TOKENS, LORA_EIGEN_MICROKERNEL_MIN_TOKENS - 1)
+                                   : LORA_EIGEN_SKINNY_MAX_TOKENS;
+#endif
+  if (n >= LORA_EIGEN_SKINNY_MIN_TOKENS && n <= skinny_max && k >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
     for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
       skinny::rows(w.data(), w.outerStride(), begin, end, x.data(), x.outerStride(), n, k, alpha, beta, y.data(),
                    y.outerStride());
@@ -165,7 +177,7 @@ void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
   // Many tokens over a large fp32 W: lora's micro-kernel, W packed as it goes
   // (microkernel.hpp, gemm_nt_plain); OpenBLAS first where the user linked it.
   if constexpr (std::is_same_v<T, float>) {
-    if (w.rows() >= LORA_EIGEN_MICROKERNEL_MIN_SIZE && k >= LORA_EIGEN_MICROKERNEL_MIN_SIZE) {
+    if (micro) {
 #ifdef LORA_USE_OPENBLAS
       if (blas::try_gemm(alpha, x, w.transpose(), beta, y)) return;
 #endif
