@@ -341,3 +341,42 @@ TEST_CASE("C = beta C + alpha A^T B (the adapter's dA and dB) through lora's ker
     CHECK(big.rightCols(5).array().isNaN().all());
   }
 }
+
+TEST_CASE("A few rows of A times B through the panel kernel, B in place: G B for r >= 32 and dX += s (G B) A",
+          "[packed][skinny_nn]") {
+  // Up to 32 rows (LORA_EIGEN_PANEL_MAX_ROWS) with A deep and C narrow (G B:
+  // 48 and 130 columns, a partial panel) or A shallow and C wide (the rank-r
+  // update dX += s (G B) A: depth 8 .. 129 over 300 columns), strided A and C,
+  // beta = 0 over NaN and beta = 2, against a long-double product.
+  struct shape {
+    index_t k, n;
+  };
+  for (const shape sh : {shape{300, 32}, shape{300, 48}, shape{300, 130}, shape{8, 300}, shape{37, 300},
+                         shape{129, 300}})
+    for (const index_t m : {index_t(1), index_t(16), index_t(29)})
+      for (const float beta : {0.0f, 2.0f}) {
+        const index_t k = sh.k, n = sh.n;
+        CAPTURE(m, k, n, beta);
+        RowMatrix<float> Abig(m, k + 4), B(k, n), big(m, n + 6);
+        support::fill(Abig, 40);
+        support::fill(B, 41);
+        support::fill(big, 42);
+        if (beta == 0.0f) big.setConstant(std::nanf(""));
+        const auto A = Abig.middleCols(1, k);
+        auto C = big.middleCols(2, n);
+        const RowMatrix<float> C0 = C;
+        lora::EigenBackend::gemm_nn(0.5f, A, B, beta, C);
+        RowMatrix<long double> ref(m, n);
+        for (index_t i = 0; i < m; ++i)
+          for (index_t j = 0; j < n; ++j) {
+            long double s = 0;
+            for (index_t q = 0; q < k; ++q) s += (long double)A(i, q) * B(q, j);
+            ref(i, j) = (beta == 0.0f ? 0.0L : 2.0L * C0(i, j)) + 0.5L * s;
+          }
+        CHECK(support::rel_err(C, ref) <= bound(k + 2));
+        if (beta == 0.0f) {
+          CHECK(big.leftCols(2).array().isNaN().all());
+          CHECK(big.rightCols(4).array().isNaN().all());
+        }
+      }
+}

@@ -192,10 +192,25 @@ void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
 template <class T>
 void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
   const index_t m = a.rows();
-  // A shallow product into a large c (a rank-r update: merge's W += s B A,
-  // the backward's dX += s (G B) A): the outer-product micro-kernel streams c
-  // once (microkernel.hpp).
   if constexpr (std::is_same_v<T, float>) {
+    // A few rows of a (tokens) with a or c wide: the panel kernel, b read in
+    // place (microkernel.hpp, skinny_nn). That is the backward's dX = G W, its
+    // dX += s (G B) A (a rank update of a few rows, for which rank_update's
+    // per-call pack of A cost as much again), and G B for r >= 32. 4096^2,
+    // 16 tokens, 2 threads, one process, previous path / panel kernel, ms:
+    // dX += s (G B) A r = 8 / 32 / 64 / 128: 0.016 / 0.067 / 0.130 / 0.251
+    // against 0.011 / 0.020 / 0.040 / 0.076; G B r = 32 / 64 / 128 (Eigen):
+    // 0.110 / 0.191 / 0.285 against 0.057 / 0.073 / 0.126 (r = 8: Eigen's
+    // 0.048 beats 0.082, so a c narrower than a panel stays with Eigen).
+    if (m >= 1 && m <= LORA_EIGEN_PANEL_MAX_ROWS && c.cols() >= packed::panel &&
+        (a.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH || c.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH)) {
+      packed::skinny_nn(m, c.cols(), a.cols(), alpha, a.data(), a.outerStride(), 1, b.data(), b.outerStride(), beta,
+                        c.data(), c.outerStride());
+      return;
+    }
+    // A shallow product into a large c (a rank-r update: merge's W += s B A,
+    // the backward's dX += s (G B) A past those tokens): the outer-product
+    // micro-kernel streams c once (microkernel.hpp).
     if (a.cols() >= LORA_EIGEN_RANK_UPDATE_MIN_DEPTH && a.cols() <= LORA_EIGEN_RANK_UPDATE_MAX_DEPTH &&
         m * c.cols() >= LORA_EIGEN_RANK_UPDATE_MIN_ELEMENTS) {
 #ifdef LORA_USE_OPENBLAS
@@ -206,16 +221,11 @@ void product_kernels<T>::gemm_nn(T alpha, cv a, cv b, T beta, mv c) {
       return;
     }
   }
-  // A few rows of a times a wide b (backward's dX = G W): c's columns split
-  // across threads, a register-blocked kernel in each (fp32: the micro-
-  // kernel's, microkernel.hpp). (A narrow c, such as G B [n, r], stays with Eigen.)
+  // Double: a few rows of a times a wide b (backward's dX = G W): c's columns
+  // split across threads, a register-blocked kernel in each. (A narrow c, such
+  // as G B [n, r], stays with Eigen.)
   if (m >= 1 && m <= LORA_EIGEN_PANEL_MAX_ROWS && a.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH &&
       c.cols() >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
-    if constexpr (std::is_same_v<T, float>) {
-      packed::skinny_nn(m, c.cols(), a.cols(), alpha, a.data(), a.outerStride(), 1, b.data(), b.outerStride(), beta,
-                        c.data(), c.outerStride());
-      return;
-    }
     for_row_slices(c.cols(), b.size(), [&](index_t begin, index_t end) {
       skinny::columns(a.data(), a.outerStride(), b.data(), b.outerStride(), m, a.cols(), alpha, beta, c.data(),
                       c.outerStride(), begin, end);
