@@ -99,24 +99,21 @@ void BM_train_step_packed(benchmark::State& state) {
 // At least a second per case after a warm-up (first-touch page faults of the
 // tape and gradients): at n = 256 compare.sh's 0.2 s gave 2-3 steps, and the
 // best of so few moved by 30 % between runs.
-void step_sizes(benchmark::internal::Benchmark* b) {
-  b->Arg(16)->Arg(256)->UseManualTime()->Unit(benchmark::kMillisecond)->MinWarmUpTime(0.2)->MinTime(1.0);
-}
-BENCHMARK_TEMPLATE(BM_train_step, 8)->Apply(step_sizes);
-// The sweep (compare.sh with LORA_BENCH_SWEEP=1; left out of its default run):
-// r = 8 from one token to 4096, and r = 1 and 128 at 16 and 256 tokens.
-void sweep_sizes(benchmark::internal::Benchmark* b, std::initializer_list<int> ns) {
-  for (int n : ns) b->Arg(n);
+void step_timing(benchmark::internal::Benchmark* b) {
   b->UseManualTime()->Unit(benchmark::kMillisecond)->MinWarmUpTime(0.2)->MinTime(1.0);
 }
-const int train_sweep = [] {
-  sweep_sizes(benchmark::RegisterBenchmark("BM_train_sweep<1>", BM_train_step<1>), {16, 256});
-  sweep_sizes(benchmark::RegisterBenchmark("BM_train_sweep<8>", BM_train_step<8>), {1, 4, 64, 1024, 4096});
-  sweep_sizes(benchmark::RegisterBenchmark("BM_train_sweep<128>", BM_train_step<128>), {16, 256});
-  return 0;
-}();
+void step_sizes(benchmark::internal::Benchmark* b) { step_timing(b->Arg(16)->Arg(256)); }
+BENCHMARK_TEMPLATE(BM_train_step, 8)->Apply(step_sizes);
 BENCHMARK_TEMPLATE(BM_train_step, 64)->Apply(step_sizes);
 BENCHMARK_TEMPLATE(BM_train_step_packed, 8)->Apply(step_sizes);
 BENCHMARK_TEMPLATE(BM_train_step_packed, 64)->Apply(step_sizes);
+// The sweep (compare.sh with LORA_BENCH_SWEEP=1; left out of its default run):
+// r = 8 from one token to 4096, and r = 1 and 128 at 16 and 256 tokens.
+const int train_sweep = [] {
+  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<1>", BM_train_step<1>)->Arg(16)->Arg(256));
+  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<8>", BM_train_step<8>)->Arg(1)->Arg(4)->Arg(64)->Arg(1024)->Arg(4096));
+  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<128>", BM_train_step<128>)->Arg(16)->Arg(256));
+  return 0;
+}();
 
 BENCHMARK_MAIN();

@@ -52,6 +52,11 @@ def torch_runs(paths):
     return best, meta
 
 
+def torch_target(n):
+    """Issue 17's torch / lora target: >= 1.5 up to 16 tokens, >= 1.0 past them."""
+    return 1.5 if n <= 16 else 1.0
+
+
 def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -288,7 +293,7 @@ def main():
                 tgt, ok = ">= 60% of peak", pct_peak >= 60
             else:
                 tgt, ok = ">= 90% of peak", pct_peak >= 90
-            ttgt = 1.5 if n <= 16 else 1.0  # issue 17: >= 1.5x PyTorch up to 16 tokens, >= 1.0x past them
+            ttgt = torch_target(n)
             tmet = "-" if tu is None else ("yes" if tu / u >= ttgt else "no")
             print(f"| {n} | {fmt(m)} | {u:.3f} | {fmt(e)} | {fmt(tm)} | {fmt(tu)} | {pct_peak:.0f}% | {pct_cell(pct_roof, f'sweep n={n}')} "
                   f"| {tgt} | {'yes' if ok else 'no'} | {fmt(tu and tu / u, '.2f')} | >= {ttgt} | {tmet} |")
@@ -334,7 +339,7 @@ def main():
         for r, n, ms in sorted(step_sweep, key=lambda t: (t[0] != 8, t[0], t[1])):
             te = t_env.get(f"train_sweep/r:{r}/n:{n}")
             pct = 100 * 4.0 * n * D * D / (peak * 1e9) * 1e3 / ms
-            ttgt = 1.5 if n <= 16 else 1.0
+            ttgt = torch_target(n)
             met = "-" if te is None else ("yes" if te / ms >= ttgt else "no")
             print(f"| {r} | {n} | {ms:.3f} | {pct:.0f}% | {fmt(te)} | {fmt(te and te / ms, '.2f')} | >= {ttgt} | {met} |")
         print()

@@ -36,7 +36,8 @@ RowMatrix<long double> ref_nt(const RowMatrix<float>& w, index_t r0, index_t nr,
   return y;
 }
 
-/// beta D0 + alpha G W[r0 : r0 + nr] in long double.
+/// beta D0 + alpha G W[r0 : r0 + nr] in long double (with r0 = 0, nr = W's
+/// rows: any product beta C0 + alpha A B).
 RowMatrix<long double> ref_nn(const RowMatrix<float>& w, index_t r0, index_t nr, float alpha,
                               const RowMatrix<float>& g, float beta, const RowMatrix<float>& d0) {
   RowMatrix<long double> d(g.rows(), w.cols());
@@ -214,14 +215,7 @@ TEST_CASE("Rank updates C = beta C + alpha A B through the outer-product micro-k
         support::fill(C, 21);
         const RowMatrix<float> C0 = C;
         lora::EigenBackend::gemm_nn(0.5f, A, B, 2.0f, C);
-        RowMatrix<long double> ref(m, n);
-        for (index_t i = 0; i < m; ++i)
-          for (index_t j = 0; j < n; ++j) {
-            long double s = 0;
-            for (index_t q = 0; q < k; ++q) s += (long double)A(i, q) * B(q, j);
-            ref(i, j) = 2.0L * C0(i, j) + 0.5L * s;
-          }
-        CHECK(support::rel_err(C, ref) <= bound(k + 2));
+        CHECK(support::rel_err(C, ref_nn(B, 0, k, 0.5f, A, 2.0f, C0)) <= bound(k + 2));
       }
   // beta = 0 overwrites (NaN does not leak), into a strided block of a wider matrix.
   RowMatrix<float> A(300, 20), B(20, 100), big = RowMatrix<float>::Constant(300, 110, std::nanf(""));
@@ -319,14 +313,7 @@ TEST_CASE("C = beta C + alpha A^T B (the adapter's dA and dB) through lora's ker
         support::fill(C, 43);
         const RowMatrix<float> A = abig.middleCols(1, m), C0 = C;
         lora::EigenBackend::gemm_tn(0.5f, abig.middleCols(1, m), B, 2.0f, C);
-        RowMatrix<long double> ref(m, n);
-        for (index_t i = 0; i < m; ++i)
-          for (index_t j = 0; j < n; ++j) {
-            long double s = 0;
-            for (index_t q = 0; q < k; ++q) s += (long double)A(q, i) * B(q, j);
-            ref(i, j) = 2.0L * C0(i, j) + 0.5L * s;
-          }
-        CHECK(support::rel_err(C, ref) <= bound(k + 2));
+        CHECK(support::rel_err(C, ref_nn(B, 0, k, 0.5f, A.transpose(), 2.0f, C0)) <= bound(k + 2));
       }
   // beta = 0 overwrites (NaN does not leak), both kernels, C a column block.
   for (const index_t m : {index_t(8), index_t(300)}) {
@@ -366,14 +353,7 @@ TEST_CASE("A few rows of A times B through the panel kernel, B in place: G B for
         auto C = big.middleCols(2, n);
         const RowMatrix<float> C0 = C;
         lora::EigenBackend::gemm_nn(0.5f, A, B, beta, C);
-        RowMatrix<long double> ref(m, n);
-        for (index_t i = 0; i < m; ++i)
-          for (index_t j = 0; j < n; ++j) {
-            long double s = 0;
-            for (index_t q = 0; q < k; ++q) s += (long double)A(i, q) * B(q, j);
-            ref(i, j) = (beta == 0.0f ? 0.0L : 2.0L * C0(i, j)) + 0.5L * s;
-          }
-        CHECK(support::rel_err(C, ref) <= bound(k + 2));
+        CHECK(support::rel_err(C, ref_nn(B, 0, k, 0.5f, A, beta, C0)) <= bound(k + 2));
         if (beta == 0.0f) {
           CHECK(big.leftCols(2).array().isNaN().all());
           CHECK(big.rightCols(4).array().isNaN().all());

@@ -56,6 +56,13 @@ struct BlasStatus {
 
 namespace detail::blas {
 
+/// Whether this translation unit hands large products to OpenBLAS (LORA_USE_OPENBLAS).
+#ifdef LORA_USE_OPENBLAS
+inline constexpr bool linked = true;
+#else
+inline constexpr bool linked = false;
+#endif
+
 /// The vector ISA level of an OpenBLAS x86 kernel name: 3 = AVX-512, 2 = AVX2,
 /// 1 = older (SSE / AVX1). Non-x86 names count as 3 (the guard does not apply).
 inline int core_isa_level(std::string_view core) {

@@ -153,12 +153,9 @@ void product_kernels<T>::gemm_nt(T alpha, cv x, cv w, T beta, mv y) {
   // its tokens: its limit was measured against that hand-off.)
   const bool micro = std::is_same_v<T, float> && w.rows() >= LORA_EIGEN_MICROKERNEL_MIN_SIZE &&
                      k >= LORA_EIGEN_MICROKERNEL_MIN_SIZE;
-#ifdef LORA_USE_OPENBLAS
-  const index_t skinny_max = LORA_EIGEN_SKINNY_MAX_TOKENS;
-#else
-  const index_t skinny_max = micro ? std::min<index_t>(LORA_EIGEN_SKINNY_MAX_TOKENS, LORA_EIGEN_MICROKERNEL_MIN_TOKENS - 1)
-                                   : LORA_EIGEN_SKINNY_MAX_TOKENS;
-#endif
+  const index_t skinny_max = micro && !blas::linked
+                                 ? std::min<index_t>(LORA_EIGEN_SKINNY_MAX_TOKENS, LORA_EIGEN_MICROKERNEL_MIN_TOKENS - 1)
+                                 : LORA_EIGEN_SKINNY_MAX_TOKENS;
   if (n >= LORA_EIGEN_SKINNY_MIN_TOKENS && n <= skinny_max && k >= LORA_EIGEN_SKINNY_MIN_DEPTH) {
     for_row_slices(w.rows(), w.size(), [&](index_t begin, index_t end) {
       skinny::rows(w.data(), w.outerStride(), begin, end, x.data(), x.outerStride(), n, k, alpha, beta, y.data(),
