@@ -15,7 +15,6 @@
 
 #include "lora.hpp"
 
-#include <Eigen/SVD>
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -180,12 +179,13 @@ SVDCombination<T> combine_svd(std::span<const WeightedDelta<T>> in, index_t rank
         detail::raise<ValueError>(where, ": the weighted sum is ", dense(i, j), " at row ", i, ", column ", j,
                                   "; a factor is not finite or the sum overflows");
 
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(dense, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const Eigen::VectorXd& sv = svd.singularValues();
+  Eigen::VectorXd sv;
+  Eigen::MatrixXd u, v;
+  detail::svd_kernels<double>::top(dense, rank, sv, u, v);
   init::SVDReport rep = init::svd_detail::report(sv, rank);
 
-  Eigen::MatrixXd b = svd.matrixU().leftCols(rank) * sv.head(rank).asDiagonal();  // (out, r)
-  Eigen::MatrixXd a = svd.matrixV().leftCols(rank).transpose();                   // (r, in)
+  Eigen::MatrixXd b = u * sv.head(rank).asDiagonal();  // (out, r)
+  Eigen::MatrixXd a = v.transpose();                   // (r, in)
   if (clamp) {
     std::vector<double> all(b.data(), b.data() + b.size());
     all.insert(all.end(), a.data(), a.data() + a.size());

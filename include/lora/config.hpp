@@ -159,8 +159,9 @@
 
 // ---- Compile time ---------------------------------------------------------------
 // LORA_EXTERN_TEMPLATES: the rank-independent product kernels
-// (detail::eigen::product_kernels<float> and <double>) are declared extern, so
-// a translation unit that includes lora does not compile them. Exactly one TU
+// (detail::eigen::product_kernels<float> and <double>) and the SVD of the
+// SVD-based inits (detail::svd_kernels<double>) are declared extern, so a
+// translation unit that includes lora does not compile them. Exactly one TU
 // of the program also defines LORA_INSTANTIATE_TEMPLATES and holds them (the
 // CMake target lora::kernels is such a TU). Off by default: header-only use
 // needs nothing.

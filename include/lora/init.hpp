@@ -12,13 +12,13 @@
 #error "Include <lora/lora.hpp> instead of lora/init.hpp."
 #endif
 
-#include <Eigen/SVD>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "adapter.hpp"
 #include "detail/random.hpp"
+#include "detail/svd.hpp"
 #include "error.hpp"
 
 namespace lora::init {
@@ -102,15 +102,15 @@ SVDReport factor_top_r(Delta& d, const HostMatrix& m) {
     lora::detail::raise<ValueError>("init: an SVD initialisation needs a non-zero scale s (alpha = ",
                                      d.alpha(), ", multiplier = ", d.multiplier(), ")");
   const Eigen::MatrixXd md = m.template cast<double>();
-  // BDCSVD is exact to rounding and fast for the large matrices LoRA adapts.
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(md, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const Eigen::VectorXd& sv = svd.singularValues();
+  Eigen::VectorXd sv;
+  Eigen::MatrixXd u, v;
+  lora::detail::svd_kernels<double>::top(md, r, sv, u, v);
 
   SVDReport rep = report(sv, r);
 
   const Eigen::VectorXd root = (sv.head(r) / s).cwiseSqrt();
-  const Eigen::MatrixXd b_host = svd.matrixU().leftCols(r) * root.asDiagonal();          // (out, r)
-  const Eigen::MatrixXd a_host = root.asDiagonal() * svd.matrixV().leftCols(r).transpose();  // (r, in)
+  const Eigen::MatrixXd b_host = u * root.asDiagonal();              // (out, r)
+  const Eigen::MatrixXd a_host = root.asDiagonal() * v.transpose();  // (r, in)
   B::from_host(b_host.cast<T>(), d.B());
   B::from_host(a_host.cast<T>(), d.A());
   return rep;
