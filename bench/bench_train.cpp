@@ -14,6 +14,8 @@
 
 #include <benchmark/benchmark.h>
 #include <chrono>
+#include <cstddef>
+#include <type_traits>
 
 #include "best_time.hpp"
 
@@ -25,9 +27,12 @@ namespace train = lora::train;
 const index_t kDim = lora_bench::dim();
 
 // The step of `layer` against `ref(X, G, Yr, dXr)`, the two base products alone
-// on the layer's own weight (no second 64 MiB copy in the loop's working set).
-template <class Layer, class Ref>
-void train_step(benchmark::State& state, Layer& layer, Ref&& reference) {
+// on the layer's own weight (no second 64 MiB copy in the loop's working set);
+// without a reference (nullptr) the steps run back to back, as compare_torch.py
+// times PyTorch's.
+template <class Layer, class Ref = std::nullptr_t>
+void train_step(benchmark::State& state, Layer& layer, Ref&& reference = nullptr) {
+  constexpr bool with_reference = !std::is_null_pointer_v<std::remove_cvref_t<Ref>>;
   const index_t n = state.range(0), d = kDim;
   Mat X(n, d), G(n, d), Y(n, d), dX(n, d), Yr(n, d), dXr(n, d);
   lora::EigenBackend::fill_random(X, lora::UniformDist{-1, 1}, 1, 2);
@@ -43,21 +48,25 @@ void train_step(benchmark::State& state, Layer& layer, Ref&& reference) {
     benchmark::DoNotOptimize(dX.data());
   };
   for (auto _ : state) {
-    ref_s += ref.time([&] {
-      reference(X, G, Yr, dXr);
-      benchmark::DoNotOptimize(dXr.data());
-    });
-    // An untimed step first: a training loop runs its steps back to back, and
-    // Eigen's GEMM in the reference leaves the caches to its own buffers (a
-    // step timed right after it: n = 4 6.2 ms, back to back 3.3 ms).
-    step();
+    if constexpr (with_reference) {
+      ref_s += ref.time([&] {
+        reference(X, G, Yr, dXr);
+        benchmark::DoNotOptimize(dXr.data());
+      });
+      // An untimed step first: a training loop runs its steps back to back, and
+      // Eigen's GEMM in the reference leaves the caches to its own buffers (a
+      // step timed right after it: n = 4 6.2 ms, back to back 3.3 ms).
+      step();
+    }
     const double s = best.time(step);
     step_s += s;
     state.SetIterationTime(s);
   }
-  const double iters = double(state.iterations());
-  state.counters["ref_ms"] = 1e3 * ref_s / iters;
-  state.counters["ratio"] = step_s / ref_s;
+  if constexpr (with_reference) {
+    const double iters = double(state.iterations());
+    state.counters["ref_ms"] = 1e3 * ref_s / iters;
+    state.counters["ratio"] = step_s / ref_s;
+  }
   best.report(state);  // the fastest step (best_time.hpp)
   state.SetLabel("in=out=" + std::to_string(kDim) + " r=" + std::to_string(layer.rank()) + " n=" + std::to_string(n));
 }
@@ -69,9 +78,15 @@ Mat base_weight() {
 }
 
 template <int R>
-void BM_train_step(benchmark::State& state) {
+auto make_layer() {
   lora::AdaptedLinear layer{base_weight(), lora::LowRankDelta<float, R>{kDim, kDim, {.alpha = 2.0 * R}}};
   layer.delta().init(lora::init::UniformBoth{0.01}, 4);
+  return layer;
+}
+
+template <int R>
+void BM_train_step(benchmark::State& state) {
+  auto layer = make_layer<R>();
   const Mat& W = layer.base_weight();
   train_step(state, layer, [&](const Mat& X, const Mat& G, Mat& Yr, Mat& dXr) {
     Yr.noalias() = X * W.transpose();  // the minimal dense work of the step, plain Eigen
@@ -94,6 +109,16 @@ void BM_train_step_packed(benchmark::State& state) {
   });
 }
 
+// The sweep's step, back to back with no reference between steps: at a few
+// tokens Eigen's plain GEMM (the reference) takes 30-40 ms and leaves the caches
+// to its own buffers, and even after an untimed step the timed one ran
+// 3.6-5.1 ms at n = 4 (this host), against 3.3 back to back.
+template <int R>
+void BM_train_sweep(benchmark::State& state) {
+  auto layer = make_layer<R>();
+  train_step(state, layer);
+}
+
 }  // namespace
 
 // At least a second per case after a warm-up (first-touch page faults of the
@@ -110,9 +135,9 @@ BENCHMARK_TEMPLATE(BM_train_step_packed, 64)->Apply(step_sizes);
 // The sweep (compare.sh with LORA_BENCH_SWEEP=1; left out of its default run):
 // r = 8 from one token to 4096, and r = 1 and 128 at 16 and 256 tokens.
 const int train_sweep = [] {
-  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<1>", BM_train_step<1>)->Arg(16)->Arg(256));
-  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<8>", BM_train_step<8>)->Arg(1)->Arg(4)->Arg(64)->Arg(1024)->Arg(4096));
-  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<128>", BM_train_step<128>)->Arg(16)->Arg(256));
+  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<1>", BM_train_sweep<1>)->Arg(16)->Arg(256));
+  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<8>", BM_train_sweep<8>)->Arg(1)->Arg(4)->Arg(64)->Arg(1024)->Arg(4096));
+  step_timing(benchmark::RegisterBenchmark("BM_train_sweep<128>", BM_train_sweep<128>)->Arg(16)->Arg(256));
   return 0;
 }();
 
