@@ -163,8 +163,9 @@
 // SVD-based inits (detail::svd_kernels<double>) are declared extern, so a
 // translation unit that includes lora does not compile them. Exactly one TU
 // of the program also defines LORA_INSTANTIATE_TEMPLATES and holds them (the
-// CMake target lora::kernels is such a TU). Off by default: header-only use
-// needs nothing.
+// CMake target lora::kernels holds them instead as explicit instantiations in
+// two TUs that build side by side). Off by default: header-only use needs
+// nothing.
 
 namespace lora {
 /// Index type for sizes and offsets (signed, like Eigen::Index and PyTorch).
