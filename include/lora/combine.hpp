@@ -179,9 +179,7 @@ SVDCombination<T> combine_svd(std::span<const WeightedDelta<T>> in, index_t rank
         detail::raise<ValueError>(where, ": the weighted sum is ", dense(i, j), " at row ", i, ", column ", j,
                                   "; a factor is not finite or the sum overflows");
 
-  Eigen::VectorXd sv;
-  Eigen::MatrixXd u, v;
-  detail::svd_kernels<double>::top(dense, rank, sv, u, v);
+  const auto [sv, u, v] = detail::svd_kernels<double>::top(dense, rank);
   init::SVDReport rep = init::svd_detail::report(sv, rank);
 
   Eigen::MatrixXd b = u * sv.head(rank).asDiagonal();  // (out, r)

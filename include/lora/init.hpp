@@ -102,9 +102,7 @@ SVDReport factor_top_r(Delta& d, const HostMatrix& m) {
     lora::detail::raise<ValueError>("init: an SVD initialisation needs a non-zero scale s (alpha = ",
                                      d.alpha(), ", multiplier = ", d.multiplier(), ")");
   const Eigen::MatrixXd md = m.template cast<double>();
-  Eigen::VectorXd sv;
-  Eigen::MatrixXd u, v;
-  lora::detail::svd_kernels<double>::top(md, r, sv, u, v);
+  const auto [sv, u, v] = lora::detail::svd_kernels<double>::top(md, r);
 
   SVDReport rep = report(sv, r);
 

@@ -2,8 +2,9 @@
 // SVD-based initialisations (init::FromDense, init::pissa) and
 // combine_svd's truncation. Behind one class template so that
 // LORA_EXTERN_TEMPLATES keeps Eigen's BDCSVD out of every TU but the one that
-// defines LORA_INSTANTIATE_TEMPLATES: BDCSVD<MatrixXd> alone took 40 s to
-// compile at -O3 (50 s under the sanitizers), in each TU that called it.
+// holds it (LORA_INSTANTIATE_TEMPLATES, or lora::kernels' explicit
+// instantiation): BDCSVD<MatrixXd> alone took 40 s to compile at -O3 (50 s
+// under the sanitizers), in each TU that called it.
 #pragma once
 
 #ifndef LORA_UMBRELLA_INCLUDED
@@ -21,20 +22,22 @@ template <class Scalar>
 struct svd_kernels {
   using matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
   using vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
-  /// m = U diag(sv) V^T: all singular values (descending) into sv, and the
-  /// first r columns of U and V into u and v (r <= min(rows, cols)).
-  static void top(const matrix& m, index_t r, vector& sv, matrix& u, matrix& v);
+  /// m = U diag(sv) V^T: all singular values (descending), and the first r
+  /// columns of U and V (r <= min(rows, cols)).
+  struct result {
+    vector sv;
+    matrix u, v;
+  };
+  static result top(const matrix& m, index_t r);
 };
 
 // Defined outside the class (not implicitly inline), so an extern template
 // declaration keeps a TU from instantiating it.
 template <class Scalar>
-void svd_kernels<Scalar>::top(const matrix& m, index_t r, vector& sv, matrix& u, matrix& v) {
+typename svd_kernels<Scalar>::result svd_kernels<Scalar>::top(const matrix& m, index_t r) {
   // BDCSVD is exact to rounding and fast for the large matrices LoRA adapts.
   const Eigen::BDCSVD<matrix> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  sv = svd.singularValues();
-  u = svd.matrixU().leftCols(r);
-  v = svd.matrixV().leftCols(r);
+  return {svd.singularValues(), svd.matrixU().leftCols(r), svd.matrixV().leftCols(r)};
 }
 
 #if defined(LORA_EXTERN_TEMPLATES) && !defined(LORA_INSTANTIATE_TEMPLATES)
